@@ -1,0 +1,120 @@
+"""Learned-weight baselines: Full FC and Partial FC, model parallel over class ranges.
+
+Both keep an N×D weight matrix split into contiguous class ranges (rank r owns
+``class_range(N, W, r)``; the split may be uneven) and share the distributed softmax with the
+Prototype Memory, so benchmarks compare heads on the same core. They are plain modules: the
+training loop gives them their own optimizer, outside DeepSpeed, whose parameter broadcast and
+gradient averaging would corrupt a sharded weight (DESIGN.md §2).
+
+Partial FC (An et al., insightface's ``PartialFC_V2``) keeps every positive class of the global batch
+plus a random subset of the other local classes, ``max(int(r·C_r), #positives)`` columns per rank.
+Each rank draws from its own generator seeded by (seed, rank, step), so ranks never share a pattern
+and a resumed run draws the same columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pm_dist.distributed import get_rank, get_world_size
+from pm_dist.heads.margin import Margin
+from pm_dist.heads.softmax import sharded_margin_softmax
+
+
+@dataclass
+class HeadOutput:
+    """One head step, identical on every rank."""
+
+    loss: torch.Tensor  # scalar, differentiable
+    accuracy: torch.Tensor  # scalar
+    hardest_class: torch.Tensor  # [N] class of the hardest non-target column (−1: none)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Contiguous [start, end) of the classes rank owns; the first N mod W ranks get one more."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Labels are the same on every rank, so every rank raises together: no one is left waiting."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = ((labels < 0) | (labels >= num_classes)).nonzero().squeeze(1)[:8].tolist()
+        raise ValueError(f"labels out of range [0, {num_classes}) at global batch rows {bad}: "
+                         f"{labels[bad].tolist()}")
+
+
+class FullFC(nn.Module):
+    """Model-parallel learned class weights: rank r holds rows [start, end) of the N×D matrix."""
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: Margin, *, seed: int = 0,
+                 init_std: float = 0.01, group=None):
+        super().__init__()
+        self.num_classes, self.margin, self.group, self.seed = num_classes, margin, group, seed
+        self.rank, self.world_size = get_rank(group), get_world_size(group)
+        self.start, self.end = class_range(num_classes, self.world_size, self.rank)
+        gen = torch.Generator().manual_seed(_mix(seed, self.rank))
+        self.weight = nn.Parameter(
+            torch.randn(self.end - self.start, embedding_size, generator=gen) * init_std)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        """``embeddings`` [N, D] and ``labels`` [N]: the global batch, the same on every rank."""
+        check_labels(labels, self.num_classes)
+        local_target = torch.where((labels >= self.start) & (labels < self.end),
+                                   labels - self.start, torch.full_like(labels, -1))
+        weight, column_ids, local_target = self._columns(labels, local_target)
+        res = sharded_margin_softmax(F.normalize(embeddings.float()), F.normalize(weight),
+                                     local_target, self.margin, column_ids=column_ids,
+                                     group=self.group)
+        return HeadOutput(res.loss, res.accuracy, res.hardest_id,
+                          {"columns": float(weight.shape[0])})
+
+    def _columns(self, labels, local_target):
+        ids = torch.arange(self.start, self.end, device=labels.device)
+        return self.weight, ids, local_target
+
+
+class PartialFC(FullFC):
+    """Full FC that uses, each step, the positives plus a random ``sample_rate`` of the negatives."""
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: Margin, *,
+                 sample_rate: float = 0.1, seed: int = 0, init_std: float = 0.01, group=None):
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"partial_fc sample_rate must be in (0, 1], got {sample_rate}")
+        super().__init__(embedding_size, num_classes, margin, seed=seed, init_std=init_std,
+                         group=group)
+        self.sample_rate = sample_rate
+        self.step = 0  # advances every forward; part of the state so resume draws the same columns
+
+    def _columns(self, labels, local_target):
+        step, self.step = self.step, self.step + 1
+        local = self.end - self.start
+        if self.sample_rate >= 1.0:
+            return super()._columns(labels, local_target)
+        positives = torch.unique(local_target[local_target >= 0])
+        num_sample = max(int(self.sample_rate * local), positives.numel())
+        gen = torch.Generator().manual_seed(_mix(self.seed, self.rank, step))
+        score = torch.rand(local, generator=gen).to(labels.device)
+        score[positives] = 2.0  # positives always win the draw
+        index = torch.topk(score, num_sample).indices.sort().values
+        remapped = torch.searchsorted(index, local_target.clamp_min(0))
+        local_target = torch.where(local_target >= 0, remapped, local_target)
+        return self.weight[index], index + self.start, local_target
+
+    def get_extra_state(self):
+        return {"step": self.step}
+
+    def set_extra_state(self, state):
+        self.step = int(state["step"])
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (stable across processes, unlike hash of a str)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> 1)
