@@ -248,3 +248,37 @@ def test_backward_twice_is_refused():
     res.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         res.loss.backward()
+
+
+def _rank_target_vectors(seed, n, c, d):
+    rank, world = get_rank(), get_world_size()
+    emb, weight, labels, _ = make_problem(seed, n, c, d)
+    targets = F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed + 1)))
+    start, end = class_range(c, world, rank)
+    e = emb.clone().requires_grad_(True)
+    w = weight[start:end].clone().requires_grad_(True)
+    local_target = torch.where((labels >= start) & (labels < end), labels - start,
+                               torch.full_like(labels, -1))
+    res = sharded_margin_softmax(e, w, local_target, Margin(*MARGINS["arcface"]),
+                                 column_ids=torch.arange(start, end), target_vectors=targets)
+    res.loss.backward()
+    return dict(loss=res.loss.item(), acc=res.accuracy.item(), hardest=res.hardest_id,
+                grad_e=e.grad, grad_w=w.grad, start=start, end=end)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_target_vectors_replace_the_target_column(dist_pool, world):
+    """Leave-one-out style: row i's target is its own vector, its class column stays a negative
+    for every other row (and takes no gradient from row i)."""
+    seed, n, c, d = 8, 12, 7, 6
+    results = dist_pool(world).run(_rank_target_vectors, seed, n, c, d)
+    emb, weight, labels, _ = make_problem(seed, n, c, d, dtype=torch.float64)
+    targets = F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed + 1)))
+    e, w = emb.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    cos = e @ w.t()
+    onehot = F.one_hot(labels, c).bool()
+    cos = torch.where(onehot, (e * targets.double()).sum(1, keepdim=True), cos)
+    loss, acc, hardest = margin_cross_entropy(cos, labels, *MARGINS["arcface"])
+    loss.backward()
+    assert_matches(results, dict(loss=loss.item(), acc=acc.item(), hardest=hardest,
+                                 grad_e=e.grad, grad_w=w.grad))

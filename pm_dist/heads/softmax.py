@@ -50,14 +50,19 @@ class SoftmaxResult:
 
 class _ShardedMarginSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeddings, weight, local_target, column_mask, column_ids, margin: Margin, group):
+    def forward(ctx, embeddings, weight, local_target, column_mask, column_ids, target_vectors,
+                margin: Margin, group):
         n, c = embeddings.shape[0], weight.shape[0]
         device = embeddings.device
         buf = torch.mm(embeddings.to(weight.dtype), weight.t()).float()  # cosines [N, C]
 
         owned_rows = (local_target >= 0).nonzero().squeeze(1)
         owned_cols = local_target[owned_rows]
-        cos_t_local = buf[owned_rows, owned_cols]
+        if target_vectors is None:
+            cos_t_local = buf[owned_rows, owned_cols]
+        else:  # the row's own target vector replaces its class column (leave-one-out prototypes)
+            tv = target_vectors[owned_rows]
+            cos_t_local = (embeddings[owned_rows].to(tv.dtype) * tv).sum(1).float()
         if column_mask is not None:
             buf.masked_fill_(~column_mask.unsqueeze(0), _NEG_INF)
         buf[owned_rows, owned_cols] = _NEG_INF  # the target is no candidate for "hardest"
@@ -108,7 +113,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         ctx.buffer = buf
         ctx.margin = margin
         ctx.save_for_backward(embeddings, weight, owned_rows, owned_cols, sum_exp, row_max,
-                              target_logit, target_deriv)
+                              target_logit, target_deriv, target_vectors)
         ctx.mark_non_differentiable(accuracy, hard_id, hard_cos, target_cos)
         return loss, accuracy, hard_id, hard_cos, target_cos
 
@@ -120,22 +125,26 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         buf = ctx.buffer
         del ctx.buffer
         (embeddings, weight, owned_rows, owned_cols, sum_exp, row_max, target_logit,
-         target_deriv) = ctx.saved_tensors
+         target_deriv, target_vectors) = ctx.saved_tensors
         n = embeddings.shape[0]
         scale = grad_loss.float() / n
 
         # p = exp(logit − max) / Σ; d loss/d cos_j = s·p_j·scale off target, deriv·(p_t − 1)·scale on it.
         buf.mul_((ctx.margin.s * scale / sum_exp).unsqueeze(1))
         p_t = torch.exp(target_logit - row_max) / sum_exp
-        buf[owned_rows, owned_cols] = ((p_t - 1.0) * target_deriv * scale)[owned_rows]
+        grad_t = ((p_t - 1.0) * target_deriv * scale)[owned_rows]
+        buf[owned_rows, owned_cols] = grad_t if target_vectors is None else 0.0
 
         grad_e = grad_w = None
         dcos = buf.to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            grad_e = torch.mm(dcos, weight).to(embeddings.dtype)
+            grad_e = torch.mm(dcos, weight)
+            if target_vectors is not None:
+                grad_e[owned_rows] += grad_t.unsqueeze(1) * target_vectors[owned_rows].to(grad_e.dtype)
+            grad_e = grad_e.to(embeddings.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(dcos.t(), embeddings.to(weight.dtype))
-        return grad_e, grad_w, None, None, None, None, None
+        return grad_e, grad_w, None, None, None, None, None, None
 
 
 def sharded_margin_softmax(
@@ -146,6 +155,7 @@ def sharded_margin_softmax(
     *,
     column_mask: torch.Tensor | None = None,
     column_ids: torch.Tensor | None = None,
+    target_vectors: torch.Tensor | None = None,
     group=None,
 ) -> SoftmaxResult:
     """Cross-entropy of the global batch over columns sharded across the ranks of ``group``.
@@ -160,6 +170,9 @@ def sharded_margin_softmax(
         column_mask: [C_r] bool, False for columns that take no part (empty memory slots).
         column_ids: [C_r] int64 global ids reported for the hardest non-target (default: local
             column index; pass class ids).
+        target_vectors: [N, D] optional, normalized; where given, row i's target cosine is
+            E_i·target_vectors_i instead of E_i·W[local_target_i] (leave-one-out prototypes). Read
+            only on rows this rank owns; takes no gradient.
     """
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
         raise ValueError(f"embeddings {tuple(embeddings.shape)} and weight {tuple(weight.shape)} "
@@ -168,6 +181,8 @@ def sharded_margin_softmax(
         raise ValueError("the global batch is empty")
     if local_target.shape != (embeddings.shape[0],):
         raise ValueError(f"local_target must be [N]={embeddings.shape[0]}, got {tuple(local_target.shape)}")
+    if target_vectors is not None:
+        target_vectors = target_vectors.detach()
     out = _ShardedMarginSoftmax.apply(embeddings, weight, local_target.long(), column_mask,
-                                      column_ids, margin, group)
+                                      column_ids, target_vectors, margin, group)
     return SoftmaxResult(*out)
