@@ -1,0 +1,14 @@
+"""Face encoders (IResNet, MobileFaceNet, a tiny CPU encoder) and their file format."""
+
+from .encoder_file import ENCODER_FORMAT, ENCODER_VERSION, EncoderFileError, load_encoder, save_encoder
+from .registry import MODEL_NAMES, build_model
+
+__all__ = [
+    "MODEL_NAMES",
+    "build_model",
+    "save_encoder",
+    "load_encoder",
+    "EncoderFileError",
+    "ENCODER_FORMAT",
+    "ENCODER_VERSION",
+]
