@@ -1,0 +1,97 @@
+"""A ROC-style line plot written as PNG with Pillow alone (no matplotlib in the dependencies).
+
+Log-scaled x axis by default (FAR / FPIR from the smallest measurable value to 1), linear y axis,
+decade grid lines, one or more labelled curves.
+"""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image, ImageDraw, ImageFont
+
+WIDTH, HEIGHT = 720, 540
+LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 60
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+    except TypeError:  # older Pillow: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _nice_ticks(lo: float, hi: float, target: int = 8) -> list[float]:
+    """Round tick values (steps of 1, 2 or 5 × 10^k) covering [lo, hi], about ``target`` of them."""
+    raw = (hi - lo) / target
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _vertical_text(img: Image.Image, center: tuple[float, float], text: str, font) -> None:
+    """Draw ``text`` rotated 90° (reading bottom to top) centred at ``center``."""
+    box = ImageDraw.Draw(img).textbbox((0, 0), text, font=font)
+    label = Image.new("RGB", (box[2] - box[0] + 4, box[3] - box[1] + 4), "white")
+    ImageDraw.Draw(label).text((2 - box[0], 2 - box[1]), text, fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    img.paste(label, (int(center[0] - label.width / 2), int(center[1] - label.height / 2)))
+
+
+def plot_curves(path: str, title: str, series: list[dict], xlabel: str, ylabel: str, xscale: str = "log") -> None:
+    """Write ``series`` (dicts with ``x``, ``y``, ``label``) as a PNG line plot at ``path``."""
+    pts = [(x, y) for s in series for x, y in zip(s["x"], s["y"]) if y is not None and (xscale != "log" or x > 0)]
+    if not pts:
+        raise ValueError("nothing to plot")
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if xscale == "log":
+        x_lo, x_hi = math.floor(math.log10(min(xs)) + 1e-9), max(0, math.ceil(math.log10(max(xs)) - 1e-9))
+        if x_hi <= x_lo:
+            x_lo -= 1
+        fx = lambda x: (math.log10(x) - x_lo) / (x_hi - x_lo)  # noqa: E731
+        xticks = [(10.0 ** e, f"1e{e}" if e else "1") for e in range(x_lo, x_hi + 1)]
+    else:
+        x_lo, x_hi = min(xs), max(xs)
+        if x_hi <= x_lo:
+            x_hi = x_lo + 1
+        fx = lambda x: (x - x_lo) / (x_hi - x_lo)  # noqa: E731
+        xticks = [(v, f"{v:g}") for v in _nice_ticks(x_lo, x_hi)]
+    y_lo = max(0.0, math.floor(min(ys) * 10 - 1e-9) / 10)
+    y_hi = 1.0 if max(ys) <= 1.0 else max(ys)
+    if y_hi - y_lo < 0.05:
+        y_lo = max(0.0, y_hi - 0.1)
+    fy = lambda y: (y - y_lo) / (y_hi - y_lo)  # noqa: E731
+
+    img = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(img)
+    small, big = _font(12), _font(15)
+    pw, ph = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    px = lambda x: LEFT + fx(x) * pw  # noqa: E731
+    py = lambda y: TOP + (1 - fy(y)) * ph  # noqa: E731
+
+    for value, text in xticks:
+        x = px(value)
+        draw.line([(x, TOP), (x, TOP + ph)], fill=(225, 225, 225))
+        draw.text((x, TOP + ph + 6), text, fill="black", font=small, anchor="mt")
+    for value in _nice_ticks(y_lo, y_hi):
+        y = py(value)
+        draw.line([(LEFT, y), (LEFT + pw, y)], fill=(225, 225, 225))
+        draw.text((LEFT - 6, y), f"{value:.2f}", fill="black", font=small, anchor="rm")
+    draw.rectangle([LEFT, TOP, LEFT + pw, TOP + ph], outline="black")
+    draw.text((LEFT + pw / 2, 12), title, fill="black", font=big, anchor="mt")
+    draw.text((LEFT + pw / 2, HEIGHT - 22), xlabel, fill="black", font=small, anchor="mt")
+    _vertical_text(img, (16, TOP + ph / 2), ylabel, small)
+
+    for i, s in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        line = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y is not None and (xscale != "log" or x > 0)]
+        if len(line) > 1:
+            draw.line(line, fill=color, width=2)
+        elif line:
+            draw.ellipse([line[0][0] - 3, line[0][1] - 3, line[0][0] + 3, line[0][1] + 3], fill=color)
+        ly = TOP + ph - 18 * (len(series) - i)
+        draw.line([(LEFT + pw - 200, ly), (LEFT + pw - 175, ly)], fill=color, width=3)
+        draw.text((LEFT + pw - 168, ly), s.get("label", ""), fill="black", font=small, anchor="lm")
+    img.save(path, format="PNG")
