@@ -1,0 +1,86 @@
+"""Configuration of the Prototype Memory head: one dataclass for every fork of DESIGN.md §4.
+
+Defaults follow the first option of each row of the §4 table. They are provisional until the
+accuracy benchmark on synthetic identities decides them. ``validate()`` refuses nonsense with an
+error that names the option; ``pm_dist.config_io.from_dict`` calls it after loading YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+GENERATIONS = ("normalized_mean", "raw_mean")
+POSITIVES = ("fresh", "leave_one_out")
+REFRESHES = ("ema", "overwrite")
+EVICTIONS = ("oldest_refresh", "fifo")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MemoryConfig:
+    """Options of the Prototype Memory (docs/prototype_memory.md explains each one)."""
+
+    capacity: int  # M: prototypes held across all ranks (rank r holds class_range(M, W, r) of them)
+    num_classes: int  # N: identities in the dataset; sizes the class → slot table
+    # how a class's prototype is made from its exemplars in the global batch
+    generation: Literal["normalized_mean", "raw_mean"] = "normalized_mean"
+    # target of a batch sample: its class slot as refreshed this step, or its class's prototype
+    # without the sample itself
+    positive: Literal["fresh", "leave_one_out"] = "fresh"
+    # a class already in memory: p ← normalize(α·p_old + (1−α)·p_new), or p ← p_new
+    refresh: Literal["ema", "overwrite"] = "ema"
+    ema_alpha: float = 0.5
+    # which slot a new class takes when the shard is full
+    eviction: Literal["oldest_refresh", "fifo"] = "oldest_refresh"
+    # free slots not refreshed for more than this many steps (None: never)
+    forget_after: int | None = None
+    # let the loss differentiate through this step's fresh prototypes (the stored copy never is)
+    prototype_grad: bool = False
+    # storage and matmul dtype of the prototypes; the softmax reduction is fp32 either way
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self) -> MemoryConfig:
+        _int_at_least("capacity", self.capacity, 1)
+        _int_at_least("num_classes", self.num_classes, 1)
+        _choice("generation", self.generation, GENERATIONS)
+        _choice("positive", self.positive, POSITIVES)
+        _choice("refresh", self.refresh, REFRESHES)
+        _choice("eviction", self.eviction, EVICTIONS)
+        _choice("dtype", self.dtype, tuple(DTYPES))
+        alpha = self.ema_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < 1.0:
+            # α = 1 would never let a refresh change the prototype; α = 0 is plain overwrite.
+            raise ValueError(f"memory option ema_alpha must be a number in [0, 1), got {alpha!r}")
+        if self.forget_after is not None:
+            _int_at_least("forget_after", self.forget_after, 1)
+        if not isinstance(self.prototype_grad, bool):
+            raise ValueError(f"memory option prototype_grad must be true or false, got "
+                             f"{self.prototype_grad!r}")
+        if self.prototype_grad and self.positive == "leave_one_out":
+            # The distributed softmax takes no gradient through per-row target vectors, so the
+            # leave-one-out positive could not carry it: refuse rather than silently drop it.
+            raise ValueError("memory options prototype_grad=True and positive='leave_one_out' "
+                             "cannot be combined: the leave-one-out target takes no gradient")
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def min_capacity(self, classes_per_batch: int, world_size: int) -> int:
+        """Smallest M for which every shard can hold a whole batch's classes (they may all land on
+        one rank): the smallest shard has floor(M / W) slots."""
+        return classes_per_batch * world_size
+
+
+def _int_at_least(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"memory option {name} must be an integer ≥ {low}, got {value!r}")
+
+
+def _choice(name: str, value, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"memory option {name} must be one of {list(options)}, got {value!r}")
