@@ -47,12 +47,16 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
+                     single_process_group: bool = False) -> DistEnv:
     """Initialise the default process group from torchrun's environment, if there is one.
 
     ``backend`` overrides the choice (NCCL when CUDA is available, gloo otherwise). The timeout bounds
     how long a rank waits in a collective for a peer that died, so a failure on one rank ends the job
     instead of hanging the others forever. Calling it again returns the existing set-up.
+
+    Not launched by torchrun, it returns a single-process set-up without a group, unless
+    ``single_process_group`` asks for a one-rank group (DeepSpeed insists on one).
     """
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -61,10 +65,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
         torch.cuda.set_device(device)
     if dist.is_available() and dist.is_initialized():
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
-    if not launched_by_torchrun():
-        return DistEnv(0, 1, 0, device, None)
     backend = backend or ("nccl" if cuda else "gloo")
     kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+    if not launched_by_torchrun():
+        if not single_process_group:
+            return DistEnv(0, 1, 0, device, None)
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
     if backend == "nccl":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)

@@ -118,3 +118,29 @@ class PartialFC(FullFC):
 def _mix(*values: int) -> int:
     """A 63-bit seed from several integers (stable across processes, unlike hash of a str)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def reshard_fc_state(states: list[dict], start: int, end: int) -> tuple[dict, dict | None]:
+    """Rows [start, end) of an FC head saved by W ranks (``states`` in rank order), for a new split.
+
+    ``states[r]`` is what rank r saved: ``{"head": module state, "optimizer": optimizer state}``.
+    Weight rows and every optimizer buffer shaped like them (momentum, Adam moments) are
+    concatenated in rank order, which is class order, and sliced; scalar optimizer state and the
+    hyper-parameters come from rank 0. Returns (module state, optimizer state or None).
+    """
+    full = torch.cat([s["head"]["weight"] for s in states])
+    module = {k: v for k, v in states[0]["head"].items() if k != "weight"}
+    module["weight"] = full[start:end].clone()
+    if "optimizer" not in states[0]:
+        return module, None
+    optim = {"param_groups": states[0]["optimizer"]["param_groups"], "state": {}}
+    for pid, buffers in states[0]["optimizer"]["state"].items():
+        new = {}
+        for name, value in buffers.items():
+            if torch.is_tensor(value) and value.dim() == 2:
+                rows = torch.cat([s["optimizer"]["state"][pid][name] for s in states])
+                new[name] = rows[start:end].clone()
+            else:
+                new[name] = value
+        optim["state"][pid] = new
+    return module, optim

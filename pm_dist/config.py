@@ -1,0 +1,258 @@
+"""The run configuration: one typed tree, loaded from YAML plus ``key.sub=value`` overrides.
+
+``RunConfig()`` with no file is the embedded default: a small encoder on synthetic identities that
+trains on CPU in a few minutes (``make demo``). ``configs/*.yaml`` hold the recipes users start from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from pm_dist.config_io import ConfigError, apply_overrides, from_dict, load_yaml
+from pm_dist.data.config import DataConfig
+from pm_dist.heads.margin import build_margin
+from pm_dist.heads.memory_config import MemoryConfig
+
+
+def _closest(name, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/demo"
+    seed: int = 0
+    steps: int = 400
+    log_every: int = 20
+    eval_every: int = 0  # 0: evaluate at the end only
+    checkpoint_every: int = 200  # 0: only at the end
+    keep_checkpoints: int = 2
+    export_onnx: bool = False
+    progress: bool = True  # rich progress bar on rank 0 (off: plain log lines)
+
+    def validate(self):
+        if self.steps < 1:
+            raise ValueError(f"run.steps must be ≥ 1, got {self.steps}")
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"run.{name} must be ≥ 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError("run.keep_checkpoints must be ≥ 1")
+
+
+@dataclass
+class BatchSection:
+    classes_per_batch: int = 64  # P: identities in the *global* batch
+    images_per_class: int = 2  # K ≥ 2: every sampled class yields a real prototype
+    grad_accum: int = 1  # micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)
+
+    def validate(self):
+        if self.classes_per_batch < 1:
+            raise ValueError("batch.classes_per_batch must be ≥ 1")
+        if self.images_per_class < 2:
+            raise ValueError("batch.images_per_class must be ≥ 2 (prototypes need two exemplars)")
+        if self.grad_accum < 1:
+            raise ValueError("batch.grad_accum must be ≥ 1")
+
+    @property
+    def global_batch(self) -> int:
+        return self.classes_per_batch * self.images_per_class
+
+
+@dataclass
+class ModelSection:
+    name: str = "tiny"
+    embedding_size: int = 128
+    dropout: float = 0.0
+
+    def validate(self):
+        from pm_dist.models import MODEL_NAMES
+
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"model.name {self.name!r} is not one of {', '.join(MODEL_NAMES)}"
+                             f"{_closest(self.name, MODEL_NAMES)}")
+        if self.embedding_size < 1 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError("model.embedding_size must be ≥ 1 and model.dropout in [0, 1)")
+
+
+@dataclass
+class MarginSection:
+    kind: Literal["cosface", "arcface", "combined"] = "cosface"
+    s: float = 64.0
+    m: float | None = None  # cosface/arcface margin (defaults 0.35 / 0.5)
+    m1: float = 1.0  # combined margin cos(m1·θ + m2) − m3
+    m2: float = 0.0
+    m3: float = 0.0
+
+    def build(self):
+        return build_margin(self.kind, self.s, self.m, self.m1, self.m2, self.m3)
+
+    def validate(self):
+        self.build()
+
+
+@dataclass
+class HeadSection:
+    name: Literal["prototype_memory", "full_fc", "partial_fc"] = "prototype_memory"
+    margin: MarginSection = field(default_factory=MarginSection)
+    # Prototype Memory options (pm_dist.heads.memory_config.MemoryConfig without num_classes,
+    # which comes from the dataset). capacity: prototypes across all ranks.
+    memory: dict[str, Any] = field(default_factory=lambda: {"capacity": 512})
+    sample_rate: float = 0.1  # partial_fc: share of negative classes per rank and step
+    lr_scale: float = 1.0  # learned heads: their lr relative to the encoder's
+
+    def validate(self):
+        self.memory_config(num_classes=1)
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
+        if not self.lr_scale > 0:
+            raise ValueError(f"head.lr_scale must be > 0, got {self.lr_scale}")
+
+    def memory_config(self, num_classes: int) -> MemoryConfig:
+        if "num_classes" in self.memory:
+            raise ValueError("head.memory.num_classes comes from the dataset; do not set it")
+        return from_dict(MemoryConfig, {**self.memory, "num_classes": num_classes}, "head.memory")
+
+
+@dataclass
+class OptimSection:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_steps: int = 20
+    power: float = 2.0  # poly: lr·(1 − progress)^power
+    min_lr: float = 0.0
+    grad_clip: float = 5.0  # encoder gradient norm clip (DeepSpeed gradient_clipping); 0: off
+
+    def validate(self):
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("optim.warmup_steps and optim.grad_clip must be ≥ 0")
+
+
+@dataclass
+class DeepSpeedSection:
+    # A DeepSpeed JSON (configs/deepspeed/*.json). zero_stage and precision left unset take the
+    # JSON's values (else 0 and fp32); set, they override it.
+    config: str | None = None
+    zero_stage: int | None = None
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+
+    def validate(self):
+        if self.effective_zero_stage not in (0, 1, 2):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.effective_zero_stage}")
+
+    @property
+    def effective_zero_stage(self) -> int:
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return int(self.json().get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def effective_precision(self) -> str:
+        if self.precision is not None:
+            return self.precision
+        ds = self.json()
+        return ("bf16" if ds.get("bf16", {}).get("enabled") else
+                "fp16" if ds.get("fp16", {}).get("enabled") else "fp32")
+
+    def json(self) -> dict:
+        if not self.config:
+            return {}
+        try:
+            with open(self.config) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"deepspeed.config {self.config}: {err}") from None
+
+
+@dataclass
+class EvalSection:
+    synthetic_pairs: int = 600  # held-out synthetic verification pairs (0: no synthetic eval)
+    identification_identities: int = 200  # held-out identities of the synthetic 1:N search
+    bin_files: list[str] = field(default_factory=list)  # insightface .bin sets (lfw.bin, ...)
+    image_size: int | None = None  # .bin images are resized to this (default: data.image_size)
+    batch_size: int = 256
+
+    def validate(self):
+        if self.batch_size < 1 or self.synthetic_pairs < 0 or self.identification_identities < 1:
+            raise ValueError("eval.batch_size and eval.identification_identities must be ≥ 1, "
+                             "eval.synthetic_pairs ≥ 0")
+
+
+@dataclass
+class DistSection:
+    backend: str | None = None  # default: nccl on CUDA, gloo otherwise
+    timeout_s: float = 600.0  # a rank waiting longer than this on a dead peer fails the job
+
+    def validate(self):
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"dist.backend must be gloo or nccl, got {self.backend!r}")
+        if not self.timeout_s > 0:
+            raise ValueError("dist.timeout_s must be > 0")
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchSection = field(default_factory=BatchSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    head: HeadSection = field(default_factory=HeadSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    dist: DistSection = field(default_factory=DistSection)
+
+    def validate(self):
+        accum = self.batch.grad_accum
+        if self.run.steps % accum or self.run.checkpoint_every % accum:
+            raise ValueError(f"run.steps and run.checkpoint_every must be multiples of "
+                             f"batch.grad_accum={accum} (a checkpoint inside an accumulation "
+                             "window could not resume it)")
+        for name, size in (("data.image_size", self.data.image_size),
+                           ("eval.image_size", self.eval.image_size)):
+            if size is not None and size % 16:
+                raise ValueError(f"{name}={size}: the encoders need a multiple of 16")
+
+    def preflight(self, world_size: int) -> None:
+        """What depends on this machine and the number of ranks, checked before any process group
+        starts (a recipe names files and GPUs it does not have where it is only loaded)."""
+        for path in self.eval.bin_files:
+            if not os.path.isfile(path):
+                raise ConfigError(f"eval.bin_files: {path} does not exist")
+        if self.deepspeed.effective_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("deepspeed.precision=fp16 needs CUDA (DeepSpeed's fp16 loss scaling "
+                              "does not run on CPU): use bf16 or fp32")
+        if self.batch.global_batch % world_size:
+            raise ConfigError(f"the global batch of {self.batch.global_batch} images "
+                              "(batch.classes_per_batch × batch.images_per_class) does not split "
+                              f"over {world_size} ranks")
+        if self.head.name == "prototype_memory":
+            cap, p = self.head.memory["capacity"], self.batch.classes_per_batch
+            if cap // world_size < p:
+                raise ConfigError(
+                    f"head.memory.capacity={cap} is too small for {world_size} ranks: all "
+                    f"{p} classes of a batch may land on one rank, so every shard needs {p} slots; "
+                    f"set head.memory.capacity ≥ {p * world_size}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The embedded default, updated by the YAML file at ``path``, then by the overrides."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides or []), RunConfig)
+    return from_dict(RunConfig, data)
+
+
+__all__ = ["RunConfig", "load_config", "ConfigError"]
