@@ -282,3 +282,24 @@ def test_target_vectors_replace_the_target_column(dist_pool, world):
     loss.backward()
     assert_matches(results, dict(loss=loss.item(), acc=acc.item(), hardest=hardest,
                                  grad_e=e.grad, grad_w=w.grad))
+
+
+def test_confident_rows_keep_their_small_loss_and_gradient():
+    """Target far ahead of every other column: loss ≈ Σ_j e^(z_j − z_t) ≈ 1e-6. Forming it as
+    log Σ − z_t in fp32 would round it to 0 or lose most digits; the non-target mass keeps it."""
+    d = 4
+    weight = torch.eye(d, dtype=torch.float64)
+    emb = F.normalize(torch.tensor([[1.0, 0.2, 0.1, 0.0]], dtype=torch.float64))
+    labels = torch.tensor([0])
+    margin = Margin(s=16.0, m1=1.0, m2=0.0, m3=0.0)
+    e = emb.float().clone().requires_grad_(True)
+    res = sharded_margin_softmax(e, weight.float(), labels, margin)
+    res.loss.backward()
+    z = 16.0 * (emb @ weight.t())[0]
+    ref_loss = torch.log1p(torch.exp(z[1:] - z[0]).sum())  # float64, no cancellation
+    assert 1e-7 < ref_loss.item() < 1e-3
+    assert res.loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    e64 = emb.clone().requires_grad_(True)
+    zz = 16.0 * (e64 @ weight.t())[0]
+    torch.log1p(torch.exp(zz[1:] - zz[0]).sum()).backward()
+    close(e.grad, e64.grad, 1e-5)

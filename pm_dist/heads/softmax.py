@@ -6,12 +6,13 @@ softmax over all Σ C_r columns is assembled with three small collectives over [
 never materialises a full row of logits anywhere:
 
 1. all-reduce(MAX) of [row max of the scaled logits, hardest non-target cosine]   (2·N floats)
-2. all-reduce(SUM) of [Σ exp(logit − max), target cosine, target count]          (3·N floats)
+2. all-reduce(SUM) of [Σ_{non-target} exp(logit − max), target cosine, target count] (3·N floats)
 3. all-reduce(MAX) of the hardest non-target's column id                          (N int64)
 
 The third exists only for doppelganger mining (the identity of the hardest negative); loss,
 accuracy and gradients need the first two. All reductions are fp32, whatever the matmul dtype, and
-the loss is log-sum-exp − target (never ``log(clamp(p))``).
+the loss is log-sum-exp − target (never ``log(clamp(p))``), computed from the non-target mass so a
+confident row's small loss and its gradient p_t − 1 keep their precision.
 
 The backward is local: d loss / d logits_r = s·(p − onehot)/N on rank r's columns (the margin's true
 derivative on the target column), then d E = dlogits_r·W_r and d W_r = dlogits_rᵀ·E. d E is a partial
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from pm_dist.distributed import all_reduce_
 from pm_dist.heads.margin import Margin
@@ -80,24 +82,26 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         row_max, hard_cos = maxes[0], maxes[1]
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
 
-        buf.mul_(margin.s)
-        buf[owned_rows, owned_cols] = t_logit_owned
+        buf.mul_(margin.s)  # the target entry is still −inf: the sum below is over non-targets
         buf.sub_(row_max.unsqueeze(1)).exp_()
 
-        # 2. SUM: partition function, target cosine (only its owner contributes) and owner count.
+        # 2. SUM: non-target mass, target cosine (only its owner contributes) and owner count.
         sums = torch.zeros(3, n, device=device)
         if c > 0:
             torch.sum(buf, dim=1, out=sums[0])
         sums[1, owned_rows] = cos_t_local
         sums[2, owned_rows] = 1.0
         all_reduce_(sums, dist.ReduceOp.SUM, group)
-        sum_exp, target_cos, owners = sums[0], sums[1], sums[2]
+        other_exp, target_cos, owners = sums[0], sums[1], sums[2]
         if not bool((owners == 1).all()):
             bad = (owners != 1).nonzero().squeeze(1)[:8].tolist()
             raise ValueError(f"rows {bad} have {owners[bad].tolist()} target columns across ranks; "
                              "every row needs exactly one (is its class in no shard, or in two?)")
         target_logit, target_deriv = margin.target_logit(target_cos)
-        loss = (torch.log(sum_exp) + row_max - target_logit).mean()
+        sum_exp = other_exp + torch.exp(target_logit - row_max)
+        # log Σ_j e^{z_j} − z_t = softplus(log Σ_{j≠t} e^{z_j} − z_t): exact to the last bit even
+        # when the target dominates (a loss of 1e-8 stays 1e-8, where log(sum) − z_t would be 0).
+        loss = F.softplus(torch.log(other_exp) + row_max - target_logit).mean()
 
         # 3. MAX: the id of the hardest non-target column (the rank holding the max reports it).
         if column_ids is None:
@@ -112,8 +116,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
 
         ctx.buffer = buf
         ctx.margin = margin
-        ctx.save_for_backward(embeddings, weight, owned_rows, owned_cols, sum_exp, row_max,
-                              target_logit, target_deriv, target_vectors)
+        ctx.save_for_backward(embeddings, weight, owned_rows, owned_cols, sum_exp, other_exp,
+                              target_deriv, target_vectors)
         ctx.mark_non_differentiable(accuracy, hard_id, hard_cos, target_cos)
         return loss, accuracy, hard_id, hard_cos, target_cos
 
@@ -124,15 +128,15 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
                                "place and freed after the first backward")
         buf = ctx.buffer
         del ctx.buffer
-        (embeddings, weight, owned_rows, owned_cols, sum_exp, row_max, target_logit,
-         target_deriv, target_vectors) = ctx.saved_tensors
+        (embeddings, weight, owned_rows, owned_cols, sum_exp, other_exp, target_deriv,
+         target_vectors) = ctx.saved_tensors
         n = embeddings.shape[0]
         scale = grad_loss.float() / n
 
-        # p = exp(logit − max) / Σ; d loss/d cos_j = s·p_j·scale off target, deriv·(p_t − 1)·scale on it.
+        # p = exp(logit − max) / Σ; d loss/d cos_j = s·p_j·scale off target, deriv·(p_t − 1)·scale on
+        # it, with p_t − 1 = −Σ_{j≠t} p_j (no cancellation when p_t ≈ 1).
         buf.mul_((ctx.margin.s * scale / sum_exp).unsqueeze(1))
-        p_t = torch.exp(target_logit - row_max) / sum_exp
-        grad_t = ((p_t - 1.0) * target_deriv * scale)[owned_rows]
+        grad_t = (-(other_exp / sum_exp) * target_deriv * scale)[owned_rows]
         buf[owned_rows, owned_cols] = grad_t if target_vectors is None else 0.0
 
         grad_e = grad_w = None
