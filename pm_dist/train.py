@@ -247,39 +247,36 @@ class Trainer:
         if path is None:
             raise CheckpointError(f"checkpoint {ckpt / 'engine'}: DeepSpeed found nothing to load")
         head_files = [ckpt / f"head_rank{r}.pt" for r in range(old_world)]
-        if same_world:
-            state = load_file(head_files[self.env.rank])
-            self._load_head(state)
+        if not same_world:
+            self._log_main(f"resume: resharding the head from {old_world} to {world} ranks"
+                           + ("" if load_optim else "; encoder optimizer state restarts (ZeRO ≥ 1)"))
+        if self.cfg.head.name == "prototype_memory":
+            # All shards: the memory rebuilds its own (an exact copy at the same world size and
+            # capacity, else resharded by class mod W).
+            dropped = self.head.load_shards([load_file(f)["head"] for f in head_files])
+            if dropped:
+                self._log_main(f"resume: {dropped} prototypes did not fit the new shards "
+                               "(the oldest were dropped)")
+        elif same_world:
+            self._load_learned_head(load_file(head_files[self.env.rank]))
+        else:
+            states = [load_file(f) for f in head_files]
+            module, optim = reshard_fc_state(states, self.head.start, self.head.end)
+            self._load_learned_head({**states[0], "head": module, "optimizer": optim})
+        if same_world:  # RNG streams and BatchNorm statistics are per rank
             rank_state = load_file(ckpt / f"state_rank{self.env.rank}.pt")
             _set_rng_state(rank_state["rng"])
             own = dict(self.engine.module.named_buffers())
             for name, value in rank_state["buffers"].items():
                 own[name].copy_(value)
             self.skipped_steps = rank_state["skipped_steps"]
-        else:
-            self._log_main(f"resume: resharding the head from {old_world} to {world} ranks"
-                           + ("" if load_optim else "; encoder optimizer state restarts (ZeRO ≥ 1)"))
-            self._load_head_resharded([load_file(f) for f in head_files])
         self.step = meta["step"]
         self._log_main(f"resumed from {ckpt} at step {self.step}")
 
-    def _load_head(self, state: dict) -> None:
+    def _load_learned_head(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
-        if self.head_optimizer is not None:
-            self.head_optimizer.load_state_dict(state["optimizer"])
-            self.head_scheduler.load_state_dict(state["scheduler"])
-
-    def _load_head_resharded(self, states: list[dict]) -> None:
-        if self.cfg.head.name == "prototype_memory":
-            dropped = self.head.load_shards([s["head"] for s in states])
-            if dropped:
-                self._log_main(f"resume: {dropped} prototypes did not fit the new shards (oldest dropped)")
-            return
-        module, optim = reshard_fc_state(states, self.head.start, self.head.end)
-        self.head.load_state_dict(module)
-        if optim is not None:
-            self.head_optimizer.load_state_dict(optim)
-        self.head_scheduler.load_state_dict(states[0]["scheduler"])
+        self.head_optimizer.load_state_dict(state["optimizer"])
+        self.head_scheduler.load_state_dict(state["scheduler"])
 
     # ------------------------------------------------------------------ outputs
     def _export(self) -> None:

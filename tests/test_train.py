@@ -192,3 +192,22 @@ def test_non_finite_step_on_one_rank_is_skipped_on_all(dist_pool, tmp_path, wher
         assert all(bool(torch.isfinite(v.float()).all()) for v in r["weights"].values())
     for k, v in results[0]["weights"].items():
         assert torch.equal(v, results[1]["weights"][k]), k
+
+
+def test_full_fc_reshards_weights_and_momentum_from_two_ranks_to_one(dist_pool, tmp_path):
+    extra = ["head.name=full_fc", "run.steps=6", "eval.synthetic_pairs=0"]
+    two = dist_pool(2).run(_train_with_head_optimizer, str(tmp_path), extra)
+    [one] = dist_pool(1).run(_train_with_head_optimizer, str(tmp_path), extra, "auto")
+    assert one["step"] == 6  # resumed at the end: nothing trained, the state is as loaded
+    torch.testing.assert_close(one["weight"], torch.cat([r["weight"] for r in two]), rtol=0, atol=0)
+    torch.testing.assert_close(one["momentum"], torch.cat([r["momentum"] for r in two]), rtol=0,
+                               atol=0)
+
+
+def _train_with_head_optimizer(out_dir, overrides, resume="none"):
+    cfg = load_config(None, BASE + [f"run.out_dir={out_dir}"] + overrides)
+    trainer = Trainer(cfg, init_distributed(), resume=resume)
+    trainer.fit()
+    [state] = trainer.head_optimizer.state.values()
+    return dict(step=trainer.step, weight=trainer.head.weight.detach().clone(),
+                momentum=state["momentum_buffer"].clone())
