@@ -15,6 +15,7 @@ TORCH_WHEELS ?= /opt/wheels
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 NPROC ?= 2
 PYTEST_ARGS ?=
+ARGS ?=
 
 .PHONY: demo test install clean bench
 
@@ -33,13 +34,14 @@ $(STAMP): setup.py setup.cfg Makefile
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m pm_dist.train
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m pm_dist.train $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.head_step
+	$(PY) -m benchmarks.head_step --out head_step.json
+	$(PY) -m benchmarks.data_throughput --out data_throughput.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
