@@ -88,6 +88,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         engine, cfg = self.engine, self.cfg
+        self._lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         images, labels = images.to(self.device), labels.to(self.device)
         precision = cfg.deepspeed.effective_precision
         if precision != "fp32":
@@ -139,7 +140,7 @@ class Trainer:
 
     def _step_metrics(self, out, skipped: bool) -> dict:
         m = {"loss": out.loss.item(), "accuracy": out.accuracy.item(),
-             "lr": self.optimizer.param_groups[0]["lr"], "skipped": float(skipped)}
+             "lr": self._lr, "skipped": float(skipped)}
         m.update({f"head/{k}": float(v) for k, v in out.stats.items()})
         return m
 

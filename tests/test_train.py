@@ -50,7 +50,8 @@ def test_each_head_learns_at_world_size_2(dist_pool, tmp_path, head):
     # Learned weights start random and need more steps than prototypes, which are embeddings
     # from the first step (at 60 steps FC reached 0.56–0.69 over seeds, at 120 0.65–0.76).
     steps = 60 if head == "prototype_memory" else 120
-    extra = [f"head.name={head}", f"run.steps={steps}", "optim.lr=0.2", "head.sample_rate=0.3"]
+    extra = [f"head.name={head}", f"run.steps={steps}", "optim.lr=0.2", "head.sample_rate=0.3",
+             f"run.export_onnx={head == 'prototype_memory'}"]
     results = dist_pool(2).run(_train, str(tmp_path), extra)
     r0 = results[0]
     assert r0["losses"] == results[1]["losses"]  # the head's outputs are global
@@ -64,6 +65,7 @@ def test_each_head_learns_at_world_size_2(dist_pool, tmp_path, head):
         assert torch.equal(v, results[1]["params"][k]), k  # per rank, as without SyncBN)
     assert os.path.exists(tmp_path / "encoder.pt")
     assert os.path.exists(tmp_path / "metrics.jsonl")
+    assert os.path.exists(tmp_path / "encoder.onnx") == (head == "prototype_memory")
 
 
 def test_exact_resume_same_world_size(dist_pool, tmp_path):
@@ -211,3 +213,24 @@ def _train_with_head_optimizer(out_dir, overrides, resume="none"):
     [state] = trainer.head_optimizer.state.values()
     return dict(step=trainer.step, weight=trainer.head.weight.detach().clone(),
                 momentum=state["momentum_buffer"].clone())
+
+
+def _accumulating_run(out_dir, overrides):
+    cfg = load_config(None, BASE + [f"run.out_dir={out_dir}", "eval.synthetic_pairs=0"] + overrides)
+    trainer = Trainer(cfg, init_distributed(), record_history=True)
+    trainer.fit()
+    [state] = trainer.head_optimizer.state.values()
+    return dict(head_steps=int(state["step"]), engine_steps=trainer.engine.global_steps,
+                losses=[h["loss"] for h in trainer.history], lrs=[h["lr"] for h in trainer.history])
+
+
+def test_gradient_accumulation_steps_head_and_engine_together_with_adamw(dist_pool, tmp_path):
+    """6 micro-batches, accumulated by 2: three optimizer steps for the encoder and the head."""
+    results = dist_pool(2).run(_accumulating_run, str(tmp_path),
+                               ["head.name=full_fc", "run.steps=6", "batch.grad_accum=2",
+                                "optim.name=adamw", "optim.lr=1e-3", "optim.warmup_steps=0"])
+    for r in results:
+        assert r["head_steps"] == 3 and r["engine_steps"] == 3
+        assert len(r["losses"]) == 6 and all(math.isfinite(x) for x in r["losses"])
+        lrs = r["lrs"]  # the schedule moves per optimizer step, not per micro-batch
+        assert lrs[0] == lrs[1] > lrs[2] == lrs[3] > lrs[4] == lrs[5] > 0
