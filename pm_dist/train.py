@@ -93,7 +93,9 @@ class Trainer:
         precision = cfg.deepspeed.effective_precision
         if precision != "fp32":
             images = images.to(torch.bfloat16 if precision == "bf16" else torch.float16)
-        sizes = gather_sizes(len(labels), self.device)  # the last batch may be short on some rank
+        sizes = gather_sizes(len(labels), self.device)  # skipped bad samples shorten batches
+        if min(sizes) < 2:  # BatchNorm cannot train on one image; every rank sees the same sizes
+            return self._skip(None, f"a rank has {min(sizes)} image(s) left after bad samples")
         local = engine(images)
         # Head numerics in fp32 whatever the encoder runs in (DESIGN.md §3).
         embeddings = gather_embeddings(local.float(), sizes=sizes)
@@ -139,6 +141,8 @@ class Trainer:
         return self._step_metrics(out, skipped=True)
 
     def _step_metrics(self, out, skipped: bool) -> dict:
+        if out is None:  # skipped before the head ran
+            return {"loss": float("nan"), "accuracy": float("nan"), "lr": self._lr, "skipped": 1.0}
         m = {"loss": out.loss.item(), "accuracy": out.accuracy.item(),
              "lr": self._lr, "skipped": float(skipped)}
         m.update({f"head/{k}": float(v) for k, v in out.stats.items()})

@@ -234,3 +234,30 @@ def test_gradient_accumulation_steps_head_and_engine_together_with_adamw(dist_po
         assert len(r["losses"]) == 6 and all(math.isfinite(x) for x in r["losses"])
         lrs = r["lrs"]  # the schedule moves per optimizer step, not per micro-batch
         assert lrs[0] == lrs[1] > lrs[2] == lrs[3] > lrs[4] == lrs[5] > 0
+
+
+def _train_with_a_starved_rank(out_dir, overrides):
+    """Rank 1's batch keeps 5 images at step 1 (uneven: trains) and one at step 2 (skipped)."""
+    cfg = load_config(None, BASE + [f"run.out_dir={out_dir}", "eval.synthetic_pairs=0"] + overrides)
+    trainer = Trainer(cfg, init_distributed(), record_history=True)
+    real, rank = trainer.loader, get_rank()
+
+    class Starving:
+        def __iter__(self):
+            for images, labels in real:
+                keep = {1: 5, 2: 1}.get(trainer.step) if rank == 1 else None
+                if keep:
+                    images, labels = images[:keep], labels[:keep]
+                yield images, labels
+
+        def close(self):
+            real.close()
+
+    trainer.loader = Starving()
+    trainer.fit()
+    return [h["skipped"] for h in trainer.history]
+
+
+def test_a_rank_left_with_one_image_skips_the_step_on_every_rank(dist_pool, tmp_path):
+    results = dist_pool(2).run(_train_with_a_starved_rank, str(tmp_path), ["run.steps=4"])
+    assert results == [[0.0, 0.0, 1.0, 0.0]] * 2
