@@ -113,16 +113,16 @@ def read_meta(ckpt: str | os.PathLike, verify: bool = True) -> dict:
     return meta
 
 
-def find_latest(root: str | os.PathLike, log=print) -> Path | None:
-    """The newest valid checkpoint under ``root`` (damaged ones are reported and passed over)."""
+def find_latest(root: str | os.PathLike, log=print) -> tuple[Path | None, dict | None]:
+    """The newest valid checkpoint under ``root`` and its verified meta.json (damaged ones are
+    reported and passed over); (None, None) when there is none."""
     root = Path(root)
     for ckpt in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
         try:
-            read_meta(ckpt)
-            return ckpt
+            return ckpt, read_meta(ckpt)
         except CheckpointError as err:
             log(f"resume: passing over {ckpt}: {err}")
-    return None
+    return None, None
 
 
 def load_file(path: Path):

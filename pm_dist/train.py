@@ -60,10 +60,14 @@ class Trainer:
         self.history: list[dict] = []  # every step's metrics when recorded (tests, notebooks)
         _seed_everything(cfg.run.seed)  # same on every rank: the encoders start identical
 
-        from pm_dist.data.datasets import build_dataset
+        from pm_dist.data.loader import build_train_loader
         from pm_dist.models import build_model
 
-        self.num_classes = build_dataset(cfg.data).num_classes
+        ckpt, meta = self._resolve_resume(resume)
+        self.loader = build_train_loader(cfg.data, cfg.batch.classes_per_batch,
+                                         cfg.batch.images_per_class, env.rank, env.world_size,
+                                         start_step=meta["step"] if meta else 0)
+        self.num_classes = self.loader.dataset.num_classes
         model = build_model(cfg.model.name, cfg.model.embedding_size, cfg.data.image_size,
                             cfg.model.dropout)
         self.engine, self.optimizer, self.scheduler = initialize_encoder(model, cfg, env.world_size)
@@ -72,14 +76,8 @@ class Trainer:
         if cfg.head.name in LEARNED_HEADS:
             self.head_optimizer = build_optimizer(self.head.parameters(), cfg, cfg.head.lr_scale)
             self.head_scheduler = build_scheduler(self.head_optimizer, cfg)
-
-        ckpt = self._resolve_resume(resume)
         if ckpt is not None:
-            self._load(ckpt)
-        from pm_dist.data.loader import build_train_loader
-        self.loader = build_train_loader(cfg.data, cfg.batch.classes_per_batch,
-                                         cfg.batch.images_per_class, env.rank, env.world_size,
-                                         start_step=self.step)
+            self._load(ckpt, meta)
         self.metrics = MetricsLogger(self.run_dir, enabled=env.is_main, progress=cfg.run.progress,
                                      total_steps=cfg.run.steps, start_step=self.step)
         if env.is_main:
@@ -230,15 +228,15 @@ class Trainer:
         self.metrics.note(f"checkpoint: {path}")
         return path
 
-    def _resolve_resume(self, resume: str) -> Path | None:
+    def _resolve_resume(self, resume: str) -> tuple[Path | None, dict | None]:
+        """The checkpoint to resume from and its verified meta.json (None, None: a fresh start)."""
         if resume in ("none", "", None):
-            return None
+            return None, None
         if resume == "auto":
             return find_latest(self.ckpt_root, log=self._log_main)
-        return Path(resume)
+        return Path(resume), read_meta(resume)
 
-    def _load(self, ckpt: Path) -> None:
-        meta = read_meta(ckpt)
+    def _load(self, ckpt: Path, meta: dict) -> None:
         if meta["head"] != self.cfg.head.name:
             raise CheckpointError(f"checkpoint {ckpt} holds a {meta['head']} head, the config asks "
                                   f"for {self.cfg.head.name}")
