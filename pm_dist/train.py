@@ -30,7 +30,7 @@ from pm_dist.config import RunConfig, load_config
 from pm_dist.config_io import ConfigError, to_dict
 from pm_dist.distributed import (DistEnv, all_gather_rows, any_rank, gather_embeddings,
                                  gather_sizes, init_distributed)
-from pm_dist.engine import build_optimizer, build_scheduler, initialize_encoder
+from pm_dist.engine import build_optimizer, build_scheduler, import_deepspeed, initialize_encoder
 from pm_dist.heads import build_head
 from pm_dist.heads.fc import reshard_fc_state
 from pm_dist.metrics import MetricsLogger
@@ -304,12 +304,7 @@ class Trainer:
                 "platform": platform.platform(), "world_size": self.env.world_size,
                 "backend": self.env.backend, "device": str(self.device),
                 "cuda": torch.version.cuda, "num_classes": self.num_classes,
-                "argv": sys.argv}
-        try:
-            import deepspeed
-            info["deepspeed"] = deepspeed.__version__
-        except ImportError:
-            pass
+                "argv": sys.argv, "deepspeed": import_deepspeed().__version__}
         with open(self.run_dir / "environment.json", "w") as f:
             json.dump(info, f, indent=1)
 
