@@ -6,7 +6,6 @@ trains on CPU in a few minutes (``make demo``). ``configs/*.yaml`` hold the reci
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,13 +15,9 @@ import torch
 
 from pm_dist.config_io import ConfigError, apply_overrides, from_dict, load_yaml
 from pm_dist.data.config import DataConfig
+from pm_dist.heads import HEADS, HeadSpec, head_spec
 from pm_dist.heads.margin import build_margin
-from pm_dist.heads.memory_config import MemoryConfig
-
-
-def _closest(name, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+from pm_dist.suggest import did_you_mean
 
 
 @dataclass
@@ -65,6 +60,14 @@ class BatchSection:
     def global_batch(self) -> int:
         return self.classes_per_batch * self.images_per_class
 
+    def per_rank(self, world_size: int) -> int:
+        """Images per rank and micro-step; the global batch must split evenly over the ranks."""
+        if self.global_batch % world_size:
+            raise ConfigError(f"the global batch of {self.global_batch} images "
+                              "(batch.classes_per_batch × batch.images_per_class) does not split "
+                              f"over {world_size} ranks")
+        return self.global_batch // world_size
+
 
 @dataclass
 class ModelSection:
@@ -77,7 +80,7 @@ class ModelSection:
 
         if self.name not in MODEL_NAMES:
             raise ValueError(f"model.name {self.name!r} is not one of {', '.join(MODEL_NAMES)}"
-                             f"{_closest(self.name, MODEL_NAMES)}")
+                             f"{did_you_mean(self.name, MODEL_NAMES)}")
         if self.embedding_size < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("model.embedding_size must be ≥ 1 and model.dropout in [0, 1)")
 
@@ -100,25 +103,45 @@ class MarginSection:
 
 @dataclass
 class HeadSection:
-    name: Literal["prototype_memory", "full_fc", "partial_fc"] = "prototype_memory"
+    """``head``: which head, its margin, and one options section per registered head
+    (``head.memory`` for Prototype Memory, ``head.partial_fc``, ``head.full_fc``, yours)."""
+
+    name: str = "prototype_memory"
     margin: MarginSection = field(default_factory=MarginSection)
-    # Prototype Memory options (pm_dist.heads.memory_config.MemoryConfig without num_classes,
-    # which comes from the dataset). capacity: prototypes across all ranks.
-    memory: dict[str, Any] = field(default_factory=lambda: {"capacity": 512})
-    sample_rate: float = 0.1  # partial_fc: share of negative classes per rank and step
     lr_scale: float = 1.0  # learned heads: their lr relative to the encoder's
+    # every registered head's options, by section name (config_io fills it: see open_sections)
+    sections: dict[str, Any] = field(
+        default_factory=lambda: {spec.section: spec.options() for spec in HEADS.values()})
+
+    @classmethod
+    def open_sections(cls) -> dict[str, type]:
+        return {spec.section: spec.options for spec in HEADS.values()}
 
     def validate(self):
-        self.memory_config(num_classes=1)
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.name not in HEADS:
+            raise ConfigError(f"head.name: {self.name!r} is not one of {sorted(HEADS)}"
+                              f"{did_you_mean(self.name, HEADS)}")
         if not self.lr_scale > 0:
             raise ValueError(f"head.lr_scale must be > 0, got {self.lr_scale}")
 
-    def memory_config(self, num_classes: int) -> MemoryConfig:
-        if "num_classes" in self.memory:
-            raise ValueError("head.memory.num_classes comes from the dataset; do not set it")
-        return from_dict(MemoryConfig, {**self.memory, "num_classes": num_classes}, "head.memory")
+    @property
+    def spec(self) -> HeadSpec:
+        return head_spec(self.name)
+
+    @property
+    def options(self):
+        """The chosen head's options (e.g. a ``MemoryConfig`` for ``prototype_memory``)."""
+        return self.sections[self.spec.section]
+
+    def check(self, classes_per_batch: int, world_size: int | None) -> None:
+        spec = self.spec
+        if spec.check is not None:
+            try:
+                spec.check(self.options, classes_per_batch, world_size)
+            except ConfigError:
+                raise
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -144,28 +167,22 @@ class OptimSection:
 @dataclass
 class DeepSpeedSection:
     # A DeepSpeed JSON (configs/deepspeed/*.json). zero_stage and precision left unset take the
-    # JSON's values (else 0 and fp32); set, they override it.
+    # JSON's values (else 0 and fp32); set, they override it. Resolved once, when the config loads.
     config: str | None = None
     zero_stage: int | None = None
     precision: Literal["fp32", "bf16", "fp16"] | None = None
+    effective_zero_stage: int = field(init=False, repr=False, default=0)
+    effective_precision: str = field(init=False, repr=False, default="fp32")
 
     def validate(self):
+        ds = self.json()
+        self.effective_zero_stage = (self.zero_stage if self.zero_stage is not None else
+                                     int(ds.get("zero_optimization", {}).get("stage", 0)))
+        self.effective_precision = self.precision or (
+            "bf16" if ds.get("bf16", {}).get("enabled") else
+            "fp16" if ds.get("fp16", {}).get("enabled") else "fp32")
         if self.effective_zero_stage not in (0, 1, 2):
             raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.effective_zero_stage}")
-
-    @property
-    def effective_zero_stage(self) -> int:
-        if self.zero_stage is not None:
-            return self.zero_stage
-        return int(self.json().get("zero_optimization", {}).get("stage", 0))
-
-    @property
-    def effective_precision(self) -> str:
-        if self.precision is not None:
-            return self.precision
-        ds = self.json()
-        return ("bf16" if ds.get("bf16", {}).get("enabled") else
-                "fp16" if ds.get("fp16", {}).get("enabled") else "fp32")
 
     def json(self) -> dict:
         if not self.config:
@@ -184,11 +201,17 @@ class EvalSection:
     bin_files: list[str] = field(default_factory=list)  # insightface .bin sets (lfw.bin, ...)
     image_size: int | None = None  # .bin images are resized to this (default: data.image_size)
     batch_size: int = 256
+    # more suites, by registered name: [{name: pairs, pairs: ijbc_pairs.txt, templates: ...}, ...]
+    suites: list[dict] = field(default_factory=list)
 
     def validate(self):
+        from pm_dist.eval.suites import parse_suite
+
         if self.batch_size < 1 or self.synthetic_pairs < 0 or self.identification_identities < 1:
             raise ValueError("eval.batch_size and eval.identification_identities must be ≥ 1, "
                              "eval.synthetic_pairs ≥ 0")
+        for i, entry in enumerate(self.suites):
+            parse_suite(entry, f"eval.suites[{i}]")
 
 
 @dataclass
@@ -221,6 +244,7 @@ class RunConfig:
             raise ValueError(f"run.steps and run.checkpoint_every must be multiples of "
                              f"batch.grad_accum={accum} (a checkpoint inside an accumulation "
                              "window could not resume it)")
+        self.head.check(self.batch.classes_per_batch, None)
         for name, size in (("data.image_size", self.data.image_size),
                            ("eval.image_size", self.eval.image_size)):
             if size is not None and size % 16:
@@ -235,17 +259,8 @@ class RunConfig:
         if self.deepspeed.effective_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("deepspeed.precision=fp16 needs CUDA (DeepSpeed's fp16 loss scaling "
                               "does not run on CPU): use bf16 or fp32")
-        if self.batch.global_batch % world_size:
-            raise ConfigError(f"the global batch of {self.batch.global_batch} images "
-                              "(batch.classes_per_batch × batch.images_per_class) does not split "
-                              f"over {world_size} ranks")
-        if self.head.name == "prototype_memory":
-            cap, p = self.head.memory["capacity"], self.batch.classes_per_batch
-            if cap // world_size < p:
-                raise ConfigError(
-                    f"head.memory.capacity={cap} is too small for {world_size} ranks: all "
-                    f"{p} classes of a batch may land on one rank, so every shard needs {p} slots; "
-                    f"set head.memory.capacity ≥ {p * world_size}")
+        self.batch.per_rank(world_size)
+        self.head.check(self.batch.classes_per_batch, world_size)
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

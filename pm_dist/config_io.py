@@ -9,12 +9,13 @@ may define ``validate()``; it runs after loading.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from typing import Any
 
 import yaml
+
+from pm_dist.suggest import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -22,8 +23,7 @@ class ConfigError(ValueError):
 
 
 def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(options))})"
+    return did_you_mean(key, options, list_all=True)
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -85,26 +85,44 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+OPEN = "sections"  # the field in which a config dataclass keeps its open sections
+
+
+def typed_keys(cls) -> dict[str, Any]:
+    """The config keys of dataclass ``cls`` and their types: its fields, plus the open sections it
+    declares with a ``open_sections()`` classmethod (e.g. one section per registered head), which
+    it keeps in its ``sections`` field."""
+    hints = typing.get_type_hints(cls)
+    keys = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and f.name != OPEN}
+    opener = getattr(cls, "open_sections", None)
+    if opener is not None:
+        keys.update(opener())
+    return keys
+
+
 def from_dict(cls, data: dict, path: str = ""):
     """Build dataclass ``cls`` from a mapping; missing keys keep their defaults."""
-    hints = typing.get_type_hints(cls)
+    keys = typed_keys(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
+    kwargs, sections = {}, {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else key
-        if key not in fields:
-            raise ConfigError(f"unknown config key {full!r}{_suggest(key, fields)}")
-        if value is None and dataclasses.is_dataclass(hints[key]):
+        if key not in keys:
+            raise ConfigError(f"unknown config key {full!r}{_suggest(key, keys)}")
+        if value is None and dataclasses.is_dataclass(keys[key]):
             value = {}  # an empty YAML section: all defaults
-        default = fields[key].default_factory
+        default = fields[key].default_factory if key in fields else dataclasses.MISSING
         if isinstance(value, dict) and default is not dataclasses.MISSING:
             base = default()
             if isinstance(base, dict):  # a mapping option updates its default, key by key
                 value = {**base, **value}
-        kwargs[key] = _coerce(value, hints[key], full)
-    for name in fields.keys() - kwargs.keys():  # sections left out still get validated
-        if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = from_dict(hints[name], {}, f"{path}.{name}" if path else name)
+        (kwargs if key in fields else sections)[key] = _coerce(value, keys[key], full)
+    for name in keys.keys() - kwargs.keys() - sections.keys():  # sections left out: validated too
+        if dataclasses.is_dataclass(keys[name]):
+            built = from_dict(keys[name], {}, f"{path}.{name}" if path else name)
+            (kwargs if name in fields else sections)[name] = built
+    if OPEN in fields:
+        kwargs[OPEN] = sections
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -122,8 +140,24 @@ def from_dict(cls, data: dict, path: str = ""):
     return obj
 
 
-def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
+def to_dict(obj) -> Any:
+    """The plain mapping a config dataclass was (or could have been) loaded from."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if not f.init:  # resolved from other keys, not a key itself
+                continue
+            value = getattr(obj, f.name)
+            if f.name == OPEN:
+                out.update({k: to_dict(v) for k, v in value.items()})
+            else:
+                out[f.name] = to_dict(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -143,11 +177,11 @@ def apply_overrides(data: dict, overrides: list[str], cls=None) -> dict:
         node, node_cls = data, cls
         for i, key in enumerate(keys):
             if node_cls is not None:
-                names = {f.name: f for f in dataclasses.fields(node_cls)}
+                names = typed_keys(node_cls)
                 if key not in names:
                     full = ".".join(keys[: i + 1])
                     raise ConfigError(f"unknown config key {full!r}{_suggest(key, names)}")
-                hint = typing.get_type_hints(node_cls)[key]
+                hint = names[key]
                 node_cls = hint if dataclasses.is_dataclass(hint) else None
             if i == len(keys) - 1:
                 node[key] = value

@@ -1,18 +1,18 @@
-"""The encoder under DeepSpeed: its config, its optimizer and learning-rate schedule.
+"""The encoder under DeepSpeed: its config, its initialisation, and what the step asks of it.
 
 Only the encoder goes into ``deepspeed.initialize``: DeepSpeed broadcasts rank 0's parameters and
-averages gradients over ranks, which would corrupt a sharded head (DESIGN.md §2). The learned heads
-get an optimizer and schedule of the same kind here, stepped beside the engine.
+averages gradients over ranks, which would corrupt a sharded head. Everything that knows DeepSpeed's
+internals (its CPU op builder, the loss scaler's attribute names, the overflow flag) lives here.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 
 import torch
 
 from pm_dist.config import RunConfig
+from pm_dist.training.optim import build_optimizer, build_scheduler
 
 
 def import_deepspeed():
@@ -34,11 +34,7 @@ def import_deepspeed():
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed JSON (if any) with the run's batch, precision, ZeRO stage and clipping on top."""
     ds = cfg.deepspeed.json()
-    global_batch = cfg.batch.global_batch
-    if global_batch % world_size:
-        raise ValueError(f"the global batch of {global_batch} images (batch.classes_per_batch × "
-                         f"batch.images_per_class) does not split over {world_size} ranks")
-    ds["train_micro_batch_size_per_gpu"] = global_batch // world_size
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch.per_rank(world_size)
     ds["gradient_accumulation_steps"] = cfg.batch.grad_accum
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above
     # DeepSpeed clips at 1.0 unless told otherwise: always say it.
@@ -52,32 +48,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     ds.pop("optimizer", None)  # pm_dist builds the optimizer and schedule itself
     ds.pop("scheduler", None)
     return ds
-
-
-def build_optimizer(params, cfg: RunConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    o = cfg.optim
-    lr = o.lr * lr_scale
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-
-
-def lr_factor(cfg: RunConfig, step: int) -> float:
-    """Linear warm-up, then poly or cosine decay to min_lr over the run (per optimizer step)."""
-    o, total = cfg.optim, max(1, cfg.run.steps // cfg.batch.grad_accum)
-    if o.warmup_steps and step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-    floor = o.min_lr / o.lr
-    if o.schedule == "poly":
-        return floor + (1 - floor) * (1 - progress) ** o.power
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer, cfg: RunConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
 
 
 def initialize_encoder(model: torch.nn.Module, cfg: RunConfig, world_size: int):
@@ -96,3 +66,25 @@ def initialize_encoder(model: torch.nn.Module, cfg: RunConfig, world_size: int):
         if buf.is_floating_point() and buf.dtype != dtype:
             buf.data = buf.data.to(dtype)
     return engine, optimizer, scheduler
+
+
+def loss_scale(engine) -> float:
+    """The fp16 loss scale DeepSpeed multiplied the loss by (1.0 when it has none)."""
+    opt = engine.optimizer
+    for name in ("cur_scale", "loss_scale"):  # the attribute differs between DeepSpeed optimizers
+        value = getattr(opt, name, None)
+        if value is not None:
+            return float(value)
+    return 1.0
+
+
+def step_overflowed(engine) -> bool:
+    """Whether the engine's last ``step()`` was skipped for an fp16 overflow or a non-finite ZeRO
+    partition (DeepSpeed then leaves the weights alone)."""
+    return bool(getattr(engine.optimizer, "overflow", False))
+
+
+def checks_own_overflow(zero_stage: int, precision: str) -> bool:
+    """ZeRO ≥ 1 checks its own partitions, and fp16's loss scaler must see its overflows itself to
+    lower the scale: then the trainer must leave the encoder's gradients to DeepSpeed."""
+    return zero_stage > 0 or precision == "fp16"

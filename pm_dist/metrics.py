@@ -72,11 +72,8 @@ class MetricsLogger:
     def log_eval(self, step: int, results: list[dict]) -> None:
         if not self.enabled:
             return
-        for r in results:
-            headline = {"accuracy": r.get("accuracy"), "rank1": (r.get("rank") or {}).get("1")}
-            for key, value in headline.items():
-                if value is None:
-                    continue
+        for r in results:  # each suite chose its headline numbers (pm_dist.eval.suites)
+            for key, value in r.get("headline", {}).items():
                 tag = f"eval/{r['name']}/{key}"
                 self.jsonl.write(json.dumps({"step": step, tag: float(value)}) + "\n")
                 if self.tb is not None:

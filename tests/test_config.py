@@ -6,6 +6,7 @@ Nothing here trains or starts a process group: ``pm_dist.train.main`` returns be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def test_recipe_loads_and_is_consistent(path, monkeypatch):
     assert cfg.data.image_size % 16 == 0  # every encoder needs a multiple of 16
     assert cfg.batch.images_per_class >= 2
     if cfg.head.name == "prototype_memory":
-        cfg.head.memory_config(num_classes=RECIPES[path.stem].get("identities", 1000)).validate()
+        memory = cfg.head.sections["memory"]
+        dataclasses.replace(memory, num_classes=RECIPES[path.stem].get("identities", 1000)).validate()
     if cfg.deepspeed.config is not None:
         # pm_dist's deepspeed.zero_stage / precision override the JSON: a recipe must not name a
         # JSON that says something else.
@@ -87,7 +89,7 @@ def test_recipe_arithmetic(name, monkeypatch):
     ds = deepspeed_config(cfg, world)  # the global batch splits over the recipe's world size
     assert ds["train_micro_batch_size_per_gpu"] * world == cfg.batch.global_batch
     if cfg.head.name == "prototype_memory":
-        capacity = cfg.head.memory["capacity"]
+        capacity = cfg.head.sections["memory"].capacity
         # every shard must hold a whole batch's classes (PrototypeMemory refuses less)
         assert capacity >= cfg.batch.classes_per_batch * world
         if "identities" in spec:  # ~10 % of the identities, a multiple of 8
@@ -114,18 +116,14 @@ def test_baseline_differs_from_its_prototype_memory_recipe_only_in_the_head(base
 
 def test_cpu_demo_is_the_embedded_default():
     demo, default = _recipe("cpu_demo"), load_config(None)
-    assert demo.head.memory_config(1000) == default.head.memory_config(1000)
-    a, b = to_dict(demo), to_dict(default)
-    del a["head"]["memory"], b["head"]["memory"]
-    assert a == b
+    assert to_dict(demo) == to_dict(default)
 
 
 def test_cpu_demo_lists_every_key():
     """The demo file doubles as the reference of the config tree: no key may be missing."""
     written = yaml.safe_load((ROOT / "configs" / "cpu_demo.yaml").read_text())
     full = to_dict(RunConfig())
-    full["head"]["memory"] = to_dict(RunConfig().head.memory_config(1))
-    del full["head"]["memory"]["num_classes"]
+    del full["head"]["memory"]["num_classes"]  # from the dataset, never written
 
     def keys(d, prefix=""):
         out = set()
@@ -202,9 +200,9 @@ def test_overrides_of_nested_keys_apply_with_their_types():
                              "optim.weight_decay=1", "run.export_onnx=true", "head.margin.m=0.4",
                              "eval.bin_files=[a.bin, b.bin]", "deepspeed.config=null",
                              "optim.betas=[0.8, 0.99]", "head.memory.forget_after=100"])
-    assert cfg.head.memory["capacity"] == 64 and type(cfg.head.memory["capacity"]) is int
-    assert cfg.head.memory_config(1000).capacity == 64
-    assert cfg.head.memory_config(1000).forget_after == 100
+    memory = cfg.head.sections["memory"]
+    assert memory.capacity == 64 and type(memory.capacity) is int
+    assert memory.forget_after == 100
     assert cfg.optim.lr == 0.01 and type(cfg.optim.lr) is float
     assert cfg.data.image_size == 64 and type(cfg.data.image_size) is int
     assert cfg.optim.weight_decay == 1.0 and type(cfg.optim.weight_decay) is float  # int → float
@@ -221,8 +219,7 @@ def test_overrides_win_over_the_file_and_keep_its_other_keys(tmp_path):
     path.write_text("run: {steps: 30, seed: 7}\nhead:\n  memory: {capacity: 128, refresh: overwrite}\n")
     cfg = load_config(str(path), ["run.steps=50", "head.memory.capacity=256"])
     assert cfg.run.steps == 50 and cfg.run.seed == 7
-    assert cfg.head.memory == {"capacity": 256, "refresh": "overwrite"}
-    assert cfg.head.memory_config(1000).refresh == "overwrite"
+    assert (cfg.head.options.capacity, cfg.head.options.refresh) == (256, "overwrite")
     assert cfg.run.log_every == RunConfig().run.log_every  # untouched keys keep the defaults
 
 
@@ -231,7 +228,7 @@ def test_overrides_on_recipes(monkeypatch):
     cfg = load_config("configs/ms1mv3_r50_pm.yaml",
                       ["data.path=/elsewhere", "run.steps=10", "deepspeed.zero_stage=1"])
     assert cfg.data.path == "/elsewhere" and cfg.run.steps == 10 and cfg.deepspeed.zero_stage == 1
-    assert cfg.head.memory["capacity"] == 9344  # the rest of the file stays
+    assert cfg.head.options.capacity == 9344  # the rest of the file stays
 
 
 def test_exponent_without_a_dot_is_a_number(tmp_path):
@@ -247,7 +244,7 @@ def test_memory_override_without_a_file_keeps_or_names_the_capacity():
     except ConfigError as err:
         assert "head.memory.capacity" in str(err)
     else:
-        assert cfg.head.memory_config(1000).capacity == RunConfig().head.memory_config(1000).capacity
+        assert cfg.head.options.capacity == RunConfig().head.options.capacity
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -312,7 +309,7 @@ def test_unrelated_unknown_key_lists_the_valid_ones():
     ("run.steps.x=1", "run.steps", ""),
 ])
 def test_bad_value_names_the_key(override, key, what):
-    # (head.memory.* overrides replace the embedded default's memory mapping: keep a capacity)
+    # (head.memory.* overrides keep the other memory options)
     message = _config_error((["head.memory.capacity=512"] if "memory" in override else []) + [override])
     assert key in message and what in message, message
 

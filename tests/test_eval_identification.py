@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pm_dist.eval.identification import identification_metrics
-from pm_dist.eval.suites import evaluate_identification
+from pm_dist.eval.identification import evaluate_identification
 from pm_dist.eval.templates import aggregate_templates
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from pm_dist.eval.embed import EmbeddingError
 from pm_dist.eval.lists import ListFormatError, read_pair_list, read_subject_list, read_template_list
-from pm_dist.eval.suites import evaluate_identification_lists, evaluate_pair_list
+from pm_dist.eval.from_lists import evaluate_identification_lists, evaluate_pair_list
 
 
 class MeanColour(torch.nn.Module):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pm_dist.distributed import gather_embeddings, get_rank, get_world_size
+from pm_dist.heads.base import ShardFiles
 from pm_dist.heads.margin import Margin
 from pm_dist.heads.memory import STATE_FORMAT, MemoryConfig, PrototypeMemory
 from reference import ReferenceMemory
@@ -304,9 +305,9 @@ def _rank_resume(seed, cfg, steps, cut):
     first = PrototypeMemory(DIM, MemoryConfig(**cfg), Margin())
     for s in range(cut):
         step_fn(first, s)
-    state = first.state_dict()
+    state = first.shard_state()
     resumed = PrototypeMemory(DIM, MemoryConfig(**cfg), Margin())
-    dropped = resumed.load_state_dict(state)
+    dropped = resumed.restore(state)
     b = [step_fn(resumed, s) for s in range(cut, steps)]
     same = all(x[0] == y[0] and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
                for x, y in zip(a[cut:], b))
@@ -322,14 +323,14 @@ def _rank_fill(seed, cfg, steps):
     head = PrototypeMemory(DIM, MemoryConfig(**cfg), Margin())
     for step in range(steps):
         head(*make_batch(seed, step))
-    return head.state_dict(), head.entries()
+    return head.shard_state(), head.entries()
 
 
 def _rank_load(cfg, shards, probe_seed, probe_step):
     """Load every saved shard at this world size, then run one step to see the table works."""
     head = PrototypeMemory(DIM, MemoryConfig(**cfg), Margin())
-    dropped = head.load_shards(iter(shards))  # shards are read one at a time
-    entries, step, state = head.entries(), head.step, head.state_dict()
+    dropped = head.restore(ShardFiles.of(shards))  # shards are read one at a time
+    entries, step, state = head.entries(), head.step, head.shard_state()
     emb, labels = make_batch(probe_seed, probe_step)
     stats = head(emb, labels).stats
     return dropped, entries, step, state, stats
@@ -438,18 +439,18 @@ def test_load_errors():
     cfg = MemoryConfig(capacity=8, num_classes=10)
     head = PrototypeMemory(4, cfg, Margin())
     head(torch.randn(4, 4), torch.tensor([1, 1, 2, 2]))
-    state = head.state_dict()
+    state = head.shard_state()
     with pytest.raises(ValueError, match="dimension 4.*embedding_size 6"):
-        PrototypeMemory(6, cfg, Margin()).load_state_dict(state)
+        PrototypeMemory(6, cfg, Margin()).restore(state)
     with pytest.raises(ValueError, match="not a prototype memory shard"):
-        head.load_state_dict({"weight": torch.zeros(3)})
+        head.restore({"weight": torch.zeros(3)})
     with pytest.raises(ValueError, match="not a prototype memory shard"):
-        head.load_state_dict(dict(state, format="pm_dist.prototype_memory/0"))
+        head.restore(dict(state, format="pm_dist.prototype_memory/0"))
     with pytest.raises(ValueError, match="num_classes=2"):
-        PrototypeMemory(4, MemoryConfig(capacity=8, num_classes=2), Margin()).load_state_dict(state)
+        PrototypeMemory(4, MemoryConfig(capacity=8, num_classes=2), Margin()).restore(state)
     rank1_of_2 = dict(state, world_size=2, rank=1)
     with pytest.raises(ValueError, match=r"needs all its shards.*got ranks \[1\]"):
-        head.load_state_dict(rank1_of_2)
+        head.restore(rank1_of_2)
     assert state["format"] == STATE_FORMAT and state["step"] == 1
 
 

@@ -37,8 +37,17 @@ def _train(out_dir, overrides, resume="none"):
         eval={r["name"]: r for r in result["eval"]},
         weights={k: v.clone() for k, v in trainer.engine.module.state_dict().items()},
         params={k: v.detach().clone() for k, v in trainer.engine.module.named_parameters()},
-        head_state=head.state_dict(), skipped=trainer.skipped_steps, step=trainer.step,
+        head_state=head.shard_state(), skipped=trainer.skipped_steps, step=trainer.step,
     )
+
+
+def _tensors(state):
+    """Every tensor in a nested state (a head's shard state)."""
+    if torch.is_tensor(state):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    return []
 
 
 def _mean(xs):
@@ -50,7 +59,7 @@ def test_each_head_learns_at_world_size_2(dist_pool, tmp_path, head):
     # Learned weights start random and need more steps than prototypes, which are embeddings
     # from the first step (at 60 steps FC reached 0.56–0.69 over seeds, at 120 0.65–0.76).
     steps = 60 if head == "prototype_memory" else 120
-    extra = [f"head.name={head}", f"run.steps={steps}", "optim.lr=0.2", "head.sample_rate=0.3",
+    extra = [f"head.name={head}", f"run.steps={steps}", "optim.lr=0.2", "head.partial_fc.sample_rate=0.3",
              f"run.export_onnx={head == 'prototype_memory'}"]
     results = dist_pool(2).run(_train, str(tmp_path), extra)
     r0 = results[0]
@@ -119,14 +128,16 @@ def _reference_first_step_loss(world):
     """Plain PyTorch, one process: the same encoder init, each rank's slice through its own
     BatchNorm statistics (data parallel without SyncBN), one Prototype Memory step."""
     from pm_dist.data.loader import build_train_loader
-    from pm_dist.heads import build_head
+    from pm_dist.heads import HeadContext, build_head
     from pm_dist.models import build_model
-    from pm_dist.train import _seed_everything
+    from pm_dist.training.rng import seed_everything
 
     cfg = load_config(None, BASE)
-    _seed_everything(cfg.run.seed)
+    seed_everything(cfg.run.seed)
     model = build_model(cfg.model.name, cfg.model.embedding_size, cfg.data.image_size).train()
-    head = build_head(cfg, cfg.data.num_identities, 1, "cpu")
+    context = HeadContext(cfg.model.embedding_size, cfg.data.num_identities,
+                          cfg.batch.classes_per_batch, 1, cfg.head.margin.build())
+    head = build_head(cfg.head.name, cfg.head.options, context)
     parts = []
     for rank in range(world):
         loader = build_train_loader(cfg.data, cfg.batch.classes_per_batch,
@@ -177,8 +188,8 @@ def _train_with_injected_nan(out_dir, overrides, where):
         next(p for p in module.parameters() if p.requires_grad).register_hook(grad_hook)
     trainer.fit()
     head = trainer.head
-    finite_head = all(bool(torch.isfinite(t.float()).all()) for t in head.state_dict().values()
-                      if torch.is_tensor(t) and t.is_floating_point())
+    finite_head = all(bool(torch.isfinite(t.float()).all()) for t in _tensors(head.shard_state())
+                      if t.is_floating_point())
     return dict(skipped=[h["skipped"] for h in trainer.history], finite_head=finite_head,
                 weights={k: v.detach().clone() for k, v in module.named_parameters()})
 

@@ -14,7 +14,8 @@ from .lists import ListFormatError, read_pair_list, read_subject_list, read_temp
 from .protocol import insightface_line, verification_metrics, verification_metrics_from_distances
 from .report import print_report, write_report
 from .roc import STANDARD_FARS, roc_curve, roc_metrics, tar_at_far
-from .suites import evaluate_identification, evaluate_identification_lists, evaluate_pair_list
+from .from_lists import evaluate_identification_lists, evaluate_pair_list
+from .identification import evaluate_identification
 from .synthetic import evaluate_synthetic
 from .templates import aggregate_templates
 from .verification import VerificationSet, evaluate_verification, load_bin

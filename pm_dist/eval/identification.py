@@ -18,9 +18,13 @@ from all non-mate *scores* (every probe mated); its numbers are not TPIR@FPIR.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
+from .embed import extract_embeddings, slowest_rank_seconds
 from .roc import far_key
+from .templates import aggregate_templates
 
 STANDARD_FPIRS = (1e-3, 1e-2, 1e-1)
 STANDARD_RANKS = (1, 5, 10)
@@ -94,3 +98,24 @@ def tpir_at_fpir(rank: np.ndarray, mate: np.ndarray, nonmated_top_desc: np.ndarr
     if k < nonmated_top_desc.size:
         hit = hit & (mate > nonmated_top_desc[k])
     return float(np.mean(hit))
+
+
+def evaluate_identification(
+    model, gallery_images: np.ndarray, gallery_ids, probe_images: np.ndarray, probe_ids,
+    name: str = "identification", batch_size: int = 64, device="cpu", flip: bool = True,
+) -> dict:
+    """1:N identification from arrays: the gallery images of each subject form one template, every
+    probe image is searched on its own. Probes of subjects absent from the gallery are non-mated."""
+    start = time.perf_counter()
+    g = extract_embeddings(model, gallery_images, batch_size, device, flip)
+    p = extract_embeddings(model, probe_images, batch_size, device, flip)
+    g_keys, g_feats = aggregate_templates(g.combined(), [str(i) for i in np.asarray(gallery_ids)])
+    metrics = identification_metrics(g_feats, g_keys, p.normalized(), [str(i) for i in np.asarray(probe_ids)])
+    return {
+        "name": name,
+        "kind": "identification",
+        "protocol": "one template per gallery subject, single-image probes, cosine, "
+                    f"flip={'on' if flip else 'off'}",
+        **metrics,
+        "seconds": slowest_rank_seconds(start),
+    }

@@ -1,117 +1,162 @@
-"""Whole evaluations beyond the ``.bin`` sets: user pair/template lists (IJB style) and in-memory arrays.
+"""Evaluation suites behind one registry, used by training and by ``python -m pm_dist.evaluate``.
 
-Each returns a result dict (``name``, ``kind``, metrics, ``curve``) that ``eval.report`` prints and
-plots. Like ``evaluate_verification`` they run on every rank under torchrun (embedding shared out,
-metrics computed everywhere) and return the same dict on every rank. List files are parsed on every
-rank, so a malformed list fails on all ranks alike before any collective.
+A suite is a small dataclass whose fields are its options and whose ``run`` returns result dicts
+(``name``, ``kind``, metrics, ``curve``; see ``eval.report``). Every rank runs it (embedding shared
+out) and gets the same results. ``headline`` picks the few numbers logged to metrics.jsonl and
+TensorBoard as ``eval/<result name>/<key>``.
+
+Built in: ``bin`` (insightface ``.bin`` sets, 10-fold), ``pairs`` (pair/template lists, TAR@FAR),
+``identification`` (gallery/probe subject lists, 1:N), ``synthetic`` (held-out synthetic
+identities). A new suite is a dataclass registered with ``@register_suite("name")``; a run config
+then lists it under ``eval.suites`` (``- {name: mine, option: value}``) and the command line runs
+it with ``--suite name key=value ...`` (docs/extending.md).
 """
 
 from __future__ import annotations
 
-import os
-import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import numpy as np
+from pm_dist.suggest import did_you_mean
 
-from .embed import extract_embeddings, slowest_rank_seconds
-from .identification import identification_metrics
-from .images import FileSource
-from .lists import read_pair_list, read_subject_list, read_template_list
-from .roc import roc_metrics
-from .templates import aggregate_templates
+from .from_lists import evaluate_identification_lists, evaluate_pair_list
+from .synthetic import evaluate_synthetic
+from .verification import evaluate_verification, load_bin
 
 
-def _name(path: str, name: str | None) -> str:
-    return name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
+@dataclass(frozen=True)
+class EvalContext:
+    """How every suite of one evaluation embeds its images."""
+
+    device: Any = "cpu"
+    batch_size: int = 64
+    image_size: int = 112  # model input size; images of another size are resized
+    flip: bool = True  # add the mirrored image's embedding (insightface's protocol)
+    tar_method: str = "nearest"
 
 
-def pair_scores(feats: np.ndarray, ia: np.ndarray, ib: np.ndarray, chunk: int = 100_000) -> np.ndarray:
-    """Cosine of rows ``ia[k]``, ``ib[k]`` of normalized ``feats``, in chunks (IJB-C has 15M pairs)."""
-    out = np.empty(ia.size)
-    for s in range(0, ia.size, chunk):
-        out[s : s + chunk] = np.einsum("ij,ij->i", feats[ia[s : s + chunk]], feats[ib[s : s + chunk]])
-    return out
+class Suite:
+    """Base of evaluation suites: subclasses are dataclasses registered with ``register_suite``."""
+
+    name: ClassVar[str] = ""  # the registry key, set by register_suite
+
+    def run(self, model, ctx: EvalContext) -> list[dict]:
+        raise NotImplementedError
+
+    def headline(self, result: dict) -> dict[str, float]:
+        """The numbers of ``result`` worth a curve over training: accuracy and rank-1 by default."""
+        out = {}
+        if result.get("accuracy") is not None:
+            out["accuracy"] = float(result["accuracy"])
+        rank1 = (result.get("rank") or {}).get("1")
+        if rank1 is not None:
+            out["rank1"] = float(rank1)
+        return out
 
 
-def evaluate_pair_list(
-    model, pairs_path: str, templates_path: str | None = None, root: str | None = None,
-    image_size: int = 112, batch_size: int = 64, device="cpu", flip: bool = True,
-    tar_method: str = "nearest", name: str | None = None,
-) -> dict:
-    """ROC and TAR@FAR of a pair list (image pairs, or template pairs with a template list)."""
-    start = time.perf_counter()
-    if templates_path is not None:
-        tl = read_template_list(templates_path, root)
-        pairs = read_pair_list(pairs_path, root, set(tl.templates))
-        emb = extract_embeddings(model, FileSource(tl.images, image_size), batch_size, device, flip)
-        keys, feats = aggregate_templates(emb.combined(), tl.templates, tl.medias)
-        unit = "template"
-    else:
-        pairs = read_pair_list(pairs_path, root)
-        keys = list(dict.fromkeys(pairs.a + pairs.b))  # each image embedded once
-        emb = extract_embeddings(model, FileSource(keys, image_size), batch_size, device, flip)
-        feats = emb.normalized()
-        unit = "image"
-    index = {k: i for i, k in enumerate(keys)}
-    ia = np.fromiter((index[k] for k in pairs.a), dtype=np.int64, count=len(pairs.a))
-    ib = np.fromiter((index[k] for k in pairs.b), dtype=np.int64, count=len(pairs.b))
-    roc = roc_metrics(pairs.labels, pair_scores(feats, ia, ib), method=tar_method)
-    return {
-        "name": _name(pairs_path, name),
-        "kind": "pairs",
-        "protocol": f"{unit} pairs, cosine, flip={'on' if flip else 'off'}",
-        **roc,
-        "xnorm": emb.xnorm(),
-        "seconds": slowest_rank_seconds(start),
-    }
+SUITES: dict[str, type[Suite]] = {}
 
 
-def evaluate_identification_lists(
-    model, templates_path: str, gallery_path: str, probes_path: str, root: str | None = None,
-    image_size: int = 112, batch_size: int = 64, device="cpu", flip: bool = True, name: str | None = None,
-) -> dict:
-    """1:N identification of probe templates against gallery templates (subject lists, see lists.py)."""
-    start = time.perf_counter()
-    tl = read_template_list(templates_path, root)
-    known = set(tl.templates)
-    gallery = read_subject_list(gallery_path, known)
-    probes = read_subject_list(probes_path, known)
-    used = [i for i, t in enumerate(tl.templates) if t in gallery or t in probes]
-    emb = extract_embeddings(model, FileSource([tl.images[i] for i in used], image_size), batch_size, device, flip)
-    keys, feats = aggregate_templates(
-        emb.combined(), [tl.templates[i] for i in used], [tl.medias[i] for i in used]
-    )
-    index = {k: i for i, k in enumerate(keys)}
-    g_keys, p_keys = list(gallery), list(probes)
-    metrics = identification_metrics(
-        feats[[index[k] for k in g_keys]], [gallery[k] for k in g_keys],
-        feats[[index[k] for k in p_keys]], [probes[k] for k in p_keys],
-    )
-    return {
-        "name": _name(probes_path, name),
-        "kind": "identification",
-        "protocol": f"templates, cosine, flip={'on' if flip else 'off'}",
-        **metrics,
-        "seconds": slowest_rank_seconds(start),
-    }
+def register_suite(name: str):
+    """Class decorator: ``@register_suite("mine")`` on a ``Suite`` dataclass."""
+    def register(cls: type[Suite]) -> type[Suite]:
+        if not (isinstance(cls, type) and issubclass(cls, Suite)):
+            raise TypeError(f"suite {name!r}: {cls!r} is not a pm_dist.eval.suites.Suite subclass")
+        cls.name = name
+        SUITES[name] = cls
+        return cls
+    return register
 
 
-def evaluate_identification(
-    model, gallery_images: np.ndarray, gallery_ids, probe_images: np.ndarray, probe_ids,
-    name: str = "identification", batch_size: int = 64, device="cpu", flip: bool = True,
-) -> dict:
-    """1:N identification from arrays: the gallery images of each subject form one template, every
-    probe image is searched on its own. Probes of subjects absent from the gallery are non-mated."""
-    start = time.perf_counter()
-    g = extract_embeddings(model, gallery_images, batch_size, device, flip)
-    p = extract_embeddings(model, probe_images, batch_size, device, flip)
-    g_keys, g_feats = aggregate_templates(g.combined(), [str(i) for i in np.asarray(gallery_ids)])
-    metrics = identification_metrics(g_feats, g_keys, p.normalized(), [str(i) for i in np.asarray(probe_ids)])
-    return {
-        "name": name,
-        "kind": "identification",
-        "protocol": "one template per gallery subject, single-image probes, cosine, "
-                    f"flip={'on' if flip else 'off'}",
-        **metrics,
-        "seconds": slowest_rank_seconds(start),
-    }
+def suite_class(name: str) -> type[Suite]:
+    if name not in SUITES:
+        raise ValueError(f"unknown evaluation suite {name!r}{did_you_mean(name, SUITES)}: "
+                         f"registered suites are {', '.join(sorted(SUITES))}")
+    return SUITES[name]
+
+
+def run_suites(model, suites: list[Suite], ctx: EvalContext) -> list[dict]:
+    """Every suite in order; each result carries the suite's ``headline`` numbers."""
+    results = []
+    for suite in suites:
+        for result in suite.run(model, ctx):
+            result["headline"] = suite.headline(result)
+            results.append(result)
+    return results
+
+
+@register_suite("bin")
+@dataclass
+class BinSuite(Suite):
+    """An insightface ``.bin`` verification set (lfw.bin, cfp_fp.bin, agedb_30.bin, ...)."""
+
+    path: str
+
+    def run(self, model, ctx):
+        vset = load_bin(self.path, ctx.image_size)
+        return [evaluate_verification(model, vset, ctx.batch_size, ctx.device, ctx.flip,
+                                      tar_method=ctx.tar_method)]
+
+
+@register_suite("pairs")
+@dataclass
+class PairListSuite(Suite):
+    """A pair list (``a b label``): image pairs, or template pairs with a template list."""
+
+    pairs: str
+    templates: str | None = None
+    root: str | None = None  # folder the list's image paths are relative to (default: its own)
+
+    def run(self, model, ctx):
+        return [evaluate_pair_list(model, self.pairs, self.templates, self.root, ctx.image_size,
+                                   ctx.batch_size, ctx.device, ctx.flip, ctx.tar_method)]
+
+
+@register_suite("identification")
+@dataclass
+class IdentificationListSuite(Suite):
+    """1:N search of probe templates against gallery templates (subject lists)."""
+
+    templates: str
+    gallery: str
+    probes: str
+    root: str | None = None
+
+    def run(self, model, ctx):
+        return [evaluate_identification_lists(model, self.templates, self.gallery, self.probes,
+                                              self.root, ctx.image_size, ctx.batch_size,
+                                              ctx.device, ctx.flip)]
+
+
+@register_suite("synthetic")
+@dataclass
+class SyntheticSuite(Suite):
+    """The synthetic held-out identities: 10-fold pairs and open-set 1:N.
+
+    ``dataset`` is a ``pm_dist.data.synthetic.SyntheticIdentities`` built with the *training run's*
+    settings (``pm_dist.evaluate.synthetic_dataset``), so training and the command line see the
+    same held-out images."""
+
+    dataset: Any
+    pairs: int = 600
+    identities: int = 200
+    seed: int = 0
+
+    def run(self, model, ctx):
+        return evaluate_synthetic(model, self.dataset, self.pairs, self.identities, seed=self.seed,
+                                  batch_size=ctx.batch_size, device=ctx.device, flip=ctx.flip,
+                                  tar_method=ctx.tar_method)
+
+
+def parse_suite(entry: dict, path: str = "eval.suites") -> Suite:
+    """A suite from a config entry ``{name: <registered>, option: value, ...}``; errors name the key."""
+    from pm_dist.config_io import ConfigError, from_dict
+
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ConfigError(f"{path}: each suite is a mapping with a 'name' key, got {entry!r}")
+    options = {k: v for k, v in entry.items() if k != "name"}
+    try:
+        cls = suite_class(entry["name"])
+    except ValueError as err:
+        raise ConfigError(f"{path}.name: {err}") from None
+    return from_dict(cls, options, f"{path}[{entry['name']}]")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .suites import evaluate_identification
+from .identification import evaluate_identification
 from .verification import VerificationSet, evaluate_verification
 
 

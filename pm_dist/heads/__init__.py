@@ -1,32 +1,24 @@
-"""Classifier heads on the gathered global batch: Prototype Memory and the learned baselines."""
+"""Classifier heads on the gathered global batch: Prototype Memory and the learned baselines.
+
+Every head is a ``pm_dist.heads.base.Head`` registered under its config name; the three built in
+are registered here. Add your own with ``register_head`` (docs/extending.md).
+"""
 
 from __future__ import annotations
 
-import torch
-
-from pm_dist.heads.fc import FullFC, HeadOutput, PartialFC
+from pm_dist.heads.base import Head, HeadOutput, ShardFiles, check_labels, class_range
+from pm_dist.heads.fc import FullFC, FullFCOptions, PartialFC, PartialFCOptions
 from pm_dist.heads.margin import Margin, build_margin
 from pm_dist.heads.memory import PrototypeMemory
+from pm_dist.heads.memory_config import MemoryConfig
+from pm_dist.heads.registry import HEADS, HeadContext, HeadSpec, build_head, head_spec, register_head
 
-HEAD_NAMES = ("prototype_memory", "full_fc", "partial_fc")
+register_head("prototype_memory", PrototypeMemory.build, options=MemoryConfig, section="memory",
+              check=lambda o, classes_per_batch, world: o.check_run(classes_per_batch, world))
+register_head("full_fc", FullFC.build, options=FullFCOptions, learned=True)
+register_head("partial_fc", PartialFC.build, options=PartialFCOptions, learned=True)
 
-
-def build_head(cfg, num_classes: int, world_size: int, device, group=None) -> torch.nn.Module:
-    """The head named by ``cfg.head.name`` (a ``pm_dist.config.RunConfig``), on ``device``."""
-    h = cfg.head
-    margin = h.margin.build()
-    dim = cfg.model.embedding_size
-    if h.name == "prototype_memory":
-        return PrototypeMemory(dim, h.memory_config(num_classes), margin,
-                               classes_per_batch=cfg.batch.classes_per_batch, group=group,
-                               device=device)
-    if h.name == "full_fc":
-        return FullFC(dim, num_classes, margin, seed=cfg.run.seed, group=group).to(device)
-    if h.name == "partial_fc":
-        return PartialFC(dim, num_classes, margin, sample_rate=h.sample_rate, seed=cfg.run.seed,
-                         group=group).to(device)
-    raise ValueError(f"unknown head {h.name!r}: choose one of {', '.join(HEAD_NAMES)}")
-
-
-__all__ = ["HEAD_NAMES", "build_head", "FullFC", "PartialFC", "PrototypeMemory", "HeadOutput",
-           "Margin", "build_margin"]
+__all__ = ["HEADS", "FullFC", "FullFCOptions", "Head", "HeadContext", "HeadOutput", "HeadSpec",
+           "Margin", "MemoryConfig", "PartialFC", "PartialFCOptions", "PrototypeMemory",
+           "ShardFiles", "build_head", "build_margin", "check_labels", "class_range", "head_spec",
+           "register_head"]

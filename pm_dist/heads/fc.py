@@ -4,7 +4,7 @@ Both keep an N×D weight matrix split into contiguous class ranges (rank r owns
 ``class_range(N, W, r)``; the split may be uneven) and share the distributed softmax with the
 Prototype Memory, so benchmarks compare heads on the same core. They are plain modules: the
 training loop gives them their own optimizer, outside DeepSpeed, whose parameter broadcast and
-gradient averaging would corrupt a sharded weight (DESIGN.md §2).
+gradient averaging would corrupt a sharded weight.
 
 Partial FC (An et al., insightface's ``PartialFC_V2``) keeps every positive class of the global batch
 plus a random subset of the other local classes, ``max(int(r·C_r), #positives)`` columns per rank.
@@ -14,7 +14,7 @@ and a resumed run draws the same columns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,37 +22,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from pm_dist.distributed import get_rank, get_world_size
+from pm_dist.heads.base import Head, HeadOutput, ShardFiles, check_labels, class_range
 from pm_dist.heads.margin import Margin
 from pm_dist.heads.softmax import sharded_margin_softmax
 
 
 @dataclass
-class HeadOutput:
-    """One head step, identical on every rank."""
+class FullFCOptions:
+    """``head.full_fc`` options."""
 
-    loss: torch.Tensor  # scalar, differentiable
-    accuracy: torch.Tensor  # scalar
-    hardest_class: torch.Tensor  # [N] class of the hardest non-target column (−1: none)
-    stats: dict[str, float] = field(default_factory=dict)
+    init_std: float = 0.01  # weights start as N(0, init_std²) (normalized before use)
 
-
-def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """Contiguous [start, end) of the classes rank owns; the first N mod W ranks get one more."""
-    base, extra = divmod(num_classes, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+    def validate(self):
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
 
-def check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Labels are the same on every rank, so every rank raises together: no one is left waiting."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        bad = ((labels < 0) | (labels >= num_classes)).nonzero().squeeze(1)[:8].tolist()
-        raise ValueError(f"labels out of range [0, {num_classes}) at global batch rows {bad}: "
-                         f"{labels[bad].tolist()}")
+@dataclass
+class PartialFCOptions(FullFCOptions):
+    """``head.partial_fc`` options."""
+
+    sample_rate: float = 0.1  # share of each rank's negative classes used per step
+
+    def validate(self):
+        super().validate()
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
 
 
-class FullFC(nn.Module):
+class FullFC(Head):
     """Model-parallel learned class weights: rank r holds rows [start, end) of the N×D matrix."""
+
+    learned = True
 
     def __init__(self, embedding_size: int, num_classes: int, margin: Margin, *, seed: int = 0,
                  init_std: float = 0.01, group=None):
@@ -80,9 +81,47 @@ class FullFC(nn.Module):
         ids = torch.arange(self.start, self.end, device=labels.device)
         return self.weight, ids, local_target
 
+    @classmethod
+    def build(cls, options: FullFCOptions, ctx) -> FullFC:
+        return cls(ctx.embedding_size, ctx.num_classes, ctx.margin, seed=ctx.seed,
+                   init_std=options.init_std, group=ctx.group).to(ctx.device)
+
+    # -------------------------------------------------------------------- save / restore
+    def shard_state(self, optimizer=None) -> dict:
+        """This rank's rows (and its optimizer's state, whose row-shaped buffers reshard with them)."""
+        state = {"head": self.state_dict(), "start": self.start, "end": self.end,
+                 "num_classes": self.num_classes}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        return state
+
+    def load_shards(self, shards: ShardFiles, optimizer=None) -> list[str]:
+        """Own rows from the save of the same world size; else every shard is read, concatenated in
+        rank order (class order) and sliced to this rank's rows, optimizer buffers included."""
+        saved = shards[0]
+        if saved.get("num_classes", self.num_classes) != self.num_classes:
+            raise ValueError(f"head saved for {saved['num_classes']} classes, this run has "
+                             f"{self.num_classes}")
+        if len(shards) == self.world_size:
+            own = shards[self.rank]
+            self.load_state_dict(own["head"])
+            if optimizer is not None and "optimizer" in own:
+                optimizer.load_state_dict(own["optimizer"])
+            return []
+        module, optim = reshard_fc_state(shards[:], self.start, self.end)
+        self.load_state_dict(module)
+        if optimizer is not None and optim is not None:
+            optimizer.load_state_dict(optim)
+        return [f"class weights resharded from {len(shards)} to {self.world_size} ranks"]
+
 
 class PartialFC(FullFC):
     """Full FC that uses, each step, the positives plus a random ``sample_rate`` of the negatives."""
+
+    @classmethod
+    def build(cls, options: PartialFCOptions, ctx) -> PartialFC:
+        return cls(ctx.embedding_size, ctx.num_classes, ctx.margin, sample_rate=options.sample_rate,
+                   seed=ctx.seed, init_std=options.init_std, group=ctx.group).to(ctx.device)
 
     def __init__(self, embedding_size: int, num_classes: int, margin: Margin, *,
                  sample_rate: float = 0.1, seed: int = 0, init_std: float = 0.01, group=None):

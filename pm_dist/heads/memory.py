@@ -1,4 +1,4 @@
-"""Prototype Memory head, sharded over ranks (DESIGN.md §1–§4, docs/prototype_memory.md).
+"""Prototype Memory head, sharded over ranks (docs/prototype_memory.md).
 
 A bounded memory of M class prototypes replaces the learned N×D classifier. Class c lives on rank
 ``c mod W`` only, so every lookup is local. Rank r holds ``class_range(M, W, r)``-many slots:
@@ -35,14 +35,14 @@ cost is O(batch·D + M_r·D) plus the two matrix products; it never depends on N
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pm_dist.distributed import all_gather_rows, get_rank, get_world_size
-from pm_dist.heads.fc import HeadOutput, check_labels, class_range
+from pm_dist.heads.base import Head, HeadOutput, ShardFiles, check_labels, class_range
 from pm_dist.heads.margin import Margin
 from pm_dist.heads.memory_config import MemoryConfig
 from pm_dist.heads.softmax import sharded_margin_softmax
@@ -57,20 +57,29 @@ _SUM_KEYS = ("occupied", "hits", "batch_classes", "evictions", "forgotten", "neg
              "neg_count", "target_age_sum", "target_count")
 
 
-class PrototypeMemory(nn.Module):
+class PrototypeMemory(Head):
     """Sharded Prototype Memory head: ``head(embeddings [N, D], labels [N]) -> HeadOutput``.
 
     Called identically on every rank with the same gathered global batch (as Full/Partial FC). It
     has no parameters: keep it outside DeepSpeed and give it no optimizer. Save and restore it with
-    its own ``state_dict`` / ``load_state_dict`` (per shard, with global metadata; any world size
-    on load); its buffers are not part of a parent module's state dict.
+    ``shard_state`` / ``load_shards`` (per shard, with global metadata; any world size on load); its
+    buffers are not part of a parent module's state dict.
     """
+
+    @classmethod
+    def build(cls, options: MemoryConfig, ctx) -> PrototypeMemory:
+        """From ``head.memory`` options; the number of identities comes from the dataset."""
+        config = dataclasses.replace(options, num_classes=ctx.num_classes)
+        return cls(ctx.embedding_size, config, ctx.margin, classes_per_batch=ctx.classes_per_batch,
+                   group=ctx.group, device=ctx.device)
 
     def __init__(self, embedding_size: int, config: MemoryConfig, margin: Margin, *,
                  classes_per_batch: int | None = None, group=None,
                  device: torch.device | str | None = None):
         super().__init__()
         config.validate()
+        if config.num_classes is None:
+            raise ValueError("memory option num_classes (identities in the dataset) must be set")
         if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) \
                 or embedding_size < 1:
             raise ValueError(f"embedding_size must be an integer ≥ 1, got {embedding_size!r}")
@@ -293,7 +302,7 @@ class PrototypeMemory(nn.Module):
         return int((self.slot_class >= 0).sum())
 
     # ------------------------------------------------------------------------ save / restore
-    def state_dict(self) -> dict:  # noqa: D102 — a per-shard format, not nn.Module's
+    def shard_state(self, optimizer=None) -> dict:
         """This shard plus the global metadata needed to restore it at any world size."""
         return {
             "format": STATE_FORMAT,
@@ -303,20 +312,39 @@ class PrototypeMemory(nn.Module):
             **{name: getattr(self, name).detach().clone() for name in _STATE_TENSORS},
         }
 
-    def load_state_dict(self, state: dict | Iterable[dict]) -> int:
-        """Restore from one shard (saved by this rank at this world size and capacity) or from the
-        shards of a whole save (any world size); see ``load_shards``. Returns entries dropped."""
-        return self.load_shards([state] if isinstance(state, dict) else state)
+    def load_shards(self, shards: ShardFiles, optimizer=None) -> list[str]:
+        dropped = self.restore(shards)
+        return [f"{dropped} prototypes did not fit the new shards (the oldest were dropped)"] \
+            if dropped else []
 
-    def load_shards(self, shards: Iterable[dict]) -> int:
-        """Rebuild this rank's shard from saved shards.
+    def restore(self, shards: Sequence[dict] | Iterable[dict] | dict) -> int:
+        """Rebuild this rank's shard from saved shards; returns how many entries were dropped.
 
-        Same world size and capacity, with this rank's shard among them: an exact copy (slot order
-        included, so a resumed run continues bit for bit). Otherwise every shard of the save must
-        be given (each may be loaded lazily: they are read one at a time); this rank keeps the
-        entries of classes c with c mod W == rank, in class order. Beyond its capacity it keeps
-        those the eviction policy would evict last and returns how many it dropped.
+        Same world size and capacity: only this rank's own shard is read (``shards[rank]`` of a
+        sequence, or the matching one of an iterable), an exact copy (slot order included, so a
+        resumed run continues bit for bit). Otherwise every shard of the save is read, one at a
+        time; this rank keeps the entries of classes c with c mod W == rank, in class order.
+        Beyond its capacity it keeps those the eviction policy would evict last.
         """
+        if isinstance(shards, dict):
+            shards = [shards]
+        if isinstance(shards, Sequence) and len(shards) == self.world_size:
+            own = shards[self.rank]
+            if (isinstance(own, dict) and own.get("world_size") == self.world_size
+                    and own.get("capacity") == self.config.capacity
+                    and own.get("rank") == self.rank):
+                return self._rebuild([own])
+        if isinstance(shards, ShardFiles):
+            return self._rebuild(self._one_at_a_time(shards))
+        return self._rebuild(shards)
+
+    @staticmethod
+    def _one_at_a_time(shards: ShardFiles):
+        for r in range(len(shards)):
+            yield shards[r]
+            shards.forget(r)
+
+    def _rebuild(self, shards: Iterable[dict]) -> int:
         save = exact = None  # (world_size, step, capacity) of the save; this rank's own shard
         ranks, parts = [], []
         for state in shards:

@@ -1,8 +1,9 @@
-"""Configuration of the Prototype Memory head: one dataclass for every fork of DESIGN.md §4.
+"""Configuration of the Prototype Memory head: one dataclass for every choice the method leaves open.
 
-Defaults follow the first option of each row of the §4 table. They are provisional until the
-accuracy benchmark on synthetic identities decides them. ``validate()`` refuses nonsense with an
-error that names the option; ``pm_dist.config_io.from_dict`` calls it after loading YAML.
+It is the ``head.memory`` section of a run config (docs/prototype_memory.md explains each option and
+why its default was chosen). ``validate()`` refuses nonsense with an error that names the option;
+``pm_dist.config_io.from_dict`` calls it after loading YAML. ``num_classes`` is not a user setting:
+the trainer fills it from the dataset.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class MemoryConfig:
     """Options of the Prototype Memory (docs/prototype_memory.md explains each one)."""
 
-    capacity: int  # M: prototypes held across all ranks (rank r holds class_range(M, W, r) of them)
-    num_classes: int  # N: identities in the dataset; sizes the class → slot table
+    capacity: int = 512  # M: prototypes held across all ranks (rank r holds class_range(M, W, r))
+    num_classes: int | None = None  # N: identities in the dataset (from the data); sizes the table
     # how a class's prototype is made from its exemplars in the global batch
     generation: Literal["normalized_mean", "raw_mean"] = "normalized_mean"
     # target of a batch sample: its class slot as refreshed this step, or its class's prototype
@@ -44,7 +45,8 @@ class MemoryConfig:
 
     def validate(self) -> MemoryConfig:
         _int_at_least("capacity", self.capacity, 1)
-        _int_at_least("num_classes", self.num_classes, 1)
+        if self.num_classes is not None:
+            _int_at_least("num_classes", self.num_classes, 1)
         _choice("generation", self.generation, GENERATIONS)
         _choice("positive", self.positive, POSITIVES)
         _choice("refresh", self.refresh, REFRESHES)
@@ -69,6 +71,18 @@ class MemoryConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def check_run(self, classes_per_batch: int, world_size: int | None) -> None:
+        """What the run's shapes demand (the head registry's check for ``head.memory``)."""
+        if self.num_classes is not None:
+            raise ValueError("head.memory.num_classes comes from the dataset; do not set it")
+        if world_size is not None and self.capacity < self.min_capacity(classes_per_batch,
+                                                                          world_size):
+            raise ValueError(
+                f"head.memory.capacity={self.capacity} is too small for {world_size} ranks: all "
+                f"{classes_per_batch} classes of a batch may land on one rank, so every shard "
+                f"needs {classes_per_batch} slots; set head.memory.capacity ≥ "
+                f"{self.min_capacity(classes_per_batch, world_size)}")
 
     def min_capacity(self, classes_per_batch: int, world_size: int) -> int:
         """Smallest M for which every shard can hold a whole batch's classes (they may all land on

@@ -1,0 +1,97 @@
+"""One training step on rank r of W, and the rules that skip it on every rank together.
+
+    images → encoder (DeepSpeed engine) → all-gather (backward: one reduce-scatter ×W) → head on
+    the global batch (outside the engine, fp32) → loss → backward → engine.step(), head optimizer
+
+Skips (every rank decides alike, from values all ranks share, so the collectives stay equal): a rank
+with fewer than 2 images (BatchNorm cannot train on one), a non-finite loss on any rank (before any
+backward), a non-finite gradient on any rank, and DeepSpeed's own overflow skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pm_dist.distributed import all_gather_rows, any_rank, gather_embeddings, gather_sizes
+from pm_dist.engine import checks_own_overflow, loss_scale, step_overflowed
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainStep:
+    """Callable ``(images, labels) -> metrics`` for one step; counts the steps it skipped."""
+
+    def __init__(self, engine, head, head_optimizer, head_scheduler, *, lr_source, precision: str,
+                 zero_stage: int, device, note: Callable[[str], None]):
+        self.engine, self.head = engine, head
+        self.head_optimizer, self.head_scheduler = head_optimizer, head_scheduler
+        self.lr_source = lr_source  # the encoder's optimizer: the rate this step uses
+        self.precision, self.device, self.note = precision, device, note
+        self.check_encoder_grads = not checks_own_overflow(zero_stage, precision)
+        self.skipped_steps = 0
+        self.step = 0  # the trainer's step, for messages
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        engine = self.engine
+        self._lr = self.lr_source.param_groups[0]["lr"]
+        images, labels = images.to(self.device), labels.to(self.device)
+        if self.precision in _HALF:
+            images = images.to(_HALF[self.precision])
+        sizes = gather_sizes(len(labels), self.device)  # skipped bad samples shorten batches
+        if min(sizes) < 2:  # every rank sees the same sizes
+            return self._skip(None, f"a rank has {min(sizes)} image(s) left after bad samples")
+        local = engine(images)
+        # Head numerics in fp32 whatever the encoder runs in.
+        embeddings = gather_embeddings(local.float(), sizes=sizes)
+        all_labels = all_gather_rows(labels, sizes=sizes)
+        out = self.head(embeddings, all_labels)
+
+        if any_rank(not bool(torch.isfinite(out.loss)), self.device):
+            return self._skip(out, "non-finite loss")
+        scale = loss_scale(engine) if self.precision == "fp16" else 1.0
+        engine.backward(out.loss)
+        if any_rank(not _all_finite(self._grads_to_check()), self.device):
+            engine.zero_grad()
+            return self._skip(out, "non-finite gradient")
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        overflow = step_overflowed(engine)
+        if self.head_optimizer is not None and boundary:
+            if not overflow:
+                if scale != 1.0:  # engine.backward scaled the head's gradients as well
+                    for p in self.head.parameters():
+                        if p.grad is not None:
+                            p.grad.div_(scale)
+                self.head_optimizer.step()
+                self.head_scheduler.step()
+            self.head_optimizer.zero_grad(set_to_none=True)
+        return self._metrics(out, skipped=overflow)
+
+    def _grads_to_check(self) -> list[torch.Tensor]:
+        params = list(self.head.parameters())
+        if self.check_encoder_grads:
+            params += list(self.engine.module.parameters())
+        return [p.grad for p in params if p.grad is not None]
+
+    def _skip(self, out, why: str) -> dict:
+        self.skipped_steps += 1
+        if self.head_optimizer is not None:
+            self.head_optimizer.zero_grad(set_to_none=True)
+        self.note(f"step {self.step}: {why} on some rank: step skipped on all ranks")
+        return self._metrics(out, skipped=True)
+
+    def _metrics(self, out, skipped: bool) -> dict:
+        if out is None:  # skipped before the head ran
+            return {"loss": float("nan"), "accuracy": float("nan"), "lr": self._lr, "skipped": 1.0}
+        m = {"loss": out.loss.item(), "accuracy": out.accuracy.item(), "lr": self._lr,
+             "skipped": float(skipped)}
+        m.update({f"head/{k}": float(v) for k, v in out.stats.items()})
+        return m
+
+
+def _all_finite(grads) -> bool:
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # one device sync
