@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 
 from pm_dist.data.config import DataConfig
-from pm_dist.data.conversion import convert_dataset
+from pm_dist.data.to_arrow import convert_dataset
 from pm_dist.data.datasets import ArrowDataset
 from pm_dist.data.loader import build_train_loader
-from pm_dist.data.sources import SyntheticSource
+from pm_dist.data.raw_sources import SyntheticSource
 from pm_dist.data.synthetic import SyntheticIdentities
 from pm_dist.data.transforms import decode, normalize
 

@@ -8,7 +8,7 @@ Two jobs live here and nowhere else:
   is **one** reduce-scatter, multiplied by the data-parallel size. Each rank differentiates the loss of
   the *global* batch, so the reduce-scatter hands rank r the true gradient of that loss w.r.t. its own
   rows; DeepSpeed then averages encoder gradients over ranks (divides by W), hence the ×W
-  (gradient contract, DESIGN.md §3).
+  (the gradient contract, docs/architecture.md).
 
 Per-rank batch sizes may differ (the last batch of an epoch): sizes are exchanged first and rows
 padded to the largest, so every rank issues the same collectives with the same shapes.
@@ -97,10 +97,33 @@ def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch
     return tensor
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool:
+def collective_device(group=None) -> torch.device:
+    """Where a small tensor for a collective must live: an NCCL-only group takes CUDA tensors only;
+    gloo, and a mixed ``cpu:gloo,cuda:nccl`` group, take CPU tensors."""
+    if is_distributed():
+        backend = str(dist.get_backend(group))
+        if "nccl" in backend and "gloo" not in backend:
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool, device: torch.device | str | None = None, group=None) -> bool:
     """True on every rank when ``flag`` is true on any rank (one small all-reduce)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=device or collective_device(group))
     return bool(all_reduce_(t, dist.ReduceOp.MAX, group).item() > 0)
+
+
+def first_failure(message: str | None, group=None) -> tuple[int, str] | None:
+    """Collective, the one answer to "did any rank fail?": every rank passes its error message (None
+    when it did fine) and every rank gets (rank, message) of the lowest failing rank, or None. Costs
+    one all-reduce when nothing failed, plus one object all-gather when something did."""
+    if get_world_size(group) == 1:
+        return None if message is None else (0, message)
+    if not any_rank(message is not None, group=group):
+        return None
+    messages = [None] * get_world_size(group)
+    dist.all_gather_object(messages, message, group=group)
+    return next((r, m) for r, m in enumerate(messages) if m is not None)
 
 
 def gather_sizes(n: int, device: torch.device | str = "cpu", group=None) -> list[int]:

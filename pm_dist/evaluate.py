@@ -22,6 +22,7 @@ from .eval.embed import EmbeddingError
 from .eval.images import ImageDecodeError
 from .eval.lists import ListFormatError
 from .eval.roc import TAR_METHODS
+from .plugins import PluginError, load_plugins
 from .eval.suites import (BinSuite, EvalContext, IdentificationListSuite, PairListSuite, Suite,
                           SyntheticSuite, parse_suite, run_suites)
 
@@ -73,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-identities", type=int, default=200, help="identities in the 1:N split")
     p.add_argument("--config", help="a run's config.yaml: run the suites its training ran, built "
                                     "from the same settings (and its synthetic data for --synthetic)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (it registers your evaluation suites)")
     p.add_argument("--suite", nargs="+", action="append", default=[], metavar="NAME [KEY=VALUE]",
                    help="a registered suite and its options, e.g. --suite pairs pairs=p.txt")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="default: --config's eval.batch_size, else 64")
     p.add_argument("--no-flip", action="store_true", help="embed images only once (no mirrored copy)")
     p.add_argument("--tar-method", choices=TAR_METHODS, default="nearest",
                    help="how TAR@FAR reads the ROC (default: nearest, insightface's IJB convention)")
@@ -122,11 +125,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Every requested evaluation, in order; the same list on every rank."""
     from .eval.loading import load_model
 
+    load_plugins(args.plugin)
     env = init_distributed()
     device = args.device or env.device
     model, size = load_model(args.model, device, args.image_size, args.arch, args.embedding_size)
     suites = suites_from_args(args, size)
-    ctx = EvalContext(device=device, batch_size=args.batch_size, image_size=size,
+    batch_size = args.batch_size or (_load_run_config(args.config).eval.batch_size if args.config
+                                     else 64)
+    ctx = EvalContext(device=device, batch_size=batch_size, image_size=size,
                       flip=not args.no_flip, tar_method=args.tar_method)
     return run_suites(model, suites, ctx)
 
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(args)
     except (BinFormatError, ListFormatError, ImageDecodeError, EmbeddingError, FileNotFoundError,
-            ConfigError, ValueError) as exc:  # bad input: one clear line, not a traceback
+            ConfigError, PluginError, ValueError) as exc:  # bad input: one clear line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_report(results, args.out)

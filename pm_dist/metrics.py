@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pm_dist.files import atomic_write_text
+
 # Shown in the progress bar and in log lines, in this order, when present.
 _SHOWN = (("loss", "loss {:.3f}"), ("accuracy", "acc {:.3f}"), ("lr", "lr {:.2e}"),
           ("images_per_s", "{:.0f} img/s"), ("head/occupancy", "occ {:.2f}"),
@@ -23,9 +25,7 @@ def _drop_after(path: Path, step: int) -> None:
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(keep))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(keep))
 
 
 class MetricsLogger:

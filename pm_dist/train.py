@@ -25,6 +25,7 @@ from pm_dist.distributed import DistEnv, init_distributed
 from pm_dist.engine import initialize_encoder
 from pm_dist.heads import HeadContext, build_head
 from pm_dist.metrics import MetricsLogger
+from pm_dist.plugins import PluginError, load_plugins
 from pm_dist.training.checkpoints import CheckpointManager
 from pm_dist.training.optim import build_optimizer, build_scheduler
 from pm_dist.training.outputs import export_encoder, write_run_info
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--config", help="YAML run config (default: the embedded CPU demo)")
     p.add_argument("--resume", default="none",
                    help="'none', 'auto' (newest valid checkpoint of the run), or a checkpoint dir")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (it registers your heads or evaluation suites)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.steps=100")
     return p.parse_args(argv)
 
@@ -174,9 +177,10 @@ class Trainer:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        load_plugins(args.plugin)
         cfg = load_config(args.config, args.overrides)
         cfg.preflight(int(os.environ.get("WORLD_SIZE", 1)))
-    except ConfigError as err:
+    except (ConfigError, PluginError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_process_group=True)

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from pm_dist.data.arrow_format import Manifest
-from pm_dist.data.conversion import convert_dataset
+from pm_dist.data.to_arrow import convert_dataset
 from pm_dist.data.convert import main as convert_main
 from pm_dist.data.datasets import ArrowDataset
 from pm_dist.data.errors import BadSampleError, DataError
-from pm_dist.data.sources import FolderSource, SyntheticSource
+from pm_dist.data.raw_sources import FolderSource, SyntheticSource
 from pm_dist.data.synthetic import SyntheticIdentities
 from pm_dist.data.verify import verify_dataset
 
@@ -120,7 +120,7 @@ def test_interrupted_conversion_resumes_to_identical_bytes(tmp_path):
     assert not first.complete and first.shards_written == 2
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     stamp = os.stat(os.path.join(out, "shard-00001.arrow")).st_mtime_ns
-    with open(os.path.join(out, "shard-00002.arrow.tmp"), "wb") as f:  # a shard killed mid-write
+    with open(os.path.join(out, ".shard-00002.arrow.tmp-999"), "wb") as f:  # a shard killed mid-write
         f.write(b"half a shard")
     with pytest.raises(DataError, match="unfinished conversion with other settings"):
         convert_dataset(SyntheticSource(gen), out, shard_rows=7)

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from pm_dist.data.config import DataConfig
-from pm_dist.data.conversion import convert_dataset
+from pm_dist.data.to_arrow import convert_dataset
 from pm_dist.data.errors import BadSampleError, DataError, PeerDataError
 from pm_dist.data.loader import build_train_loader, flips_for
 from pm_dist.data.sampler import PKSampler
 from pm_dist.data.datasets import ArrowDataset
-from pm_dist.data.sources import FolderSource, SyntheticSource
+from pm_dist.data.raw_sources import FolderSource, SyntheticSource
 from pm_dist.data.synthetic import SyntheticIdentities
 
 SYN = dict(num_identities=40, image_size=16, count_median=6, count_sigma=0.6, seed=11)

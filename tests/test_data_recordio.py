@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from pm_dist.data.arrow_format import Manifest
-from pm_dist.data.conversion import convert_dataset
+from pm_dist.data.to_arrow import convert_dataset
 from pm_dist.data.datasets import ArrowDataset
 from pm_dist.data.errors import BadSampleError, DataError
 from pm_dist.data.recordio import RecordIOReader, insightface_layout, unpack
-from pm_dist.data.sources import RecSource
+from pm_dist.data.raw_sources import RecSource
 
 MAGIC = struct.pack("<I", 0xCED7230A)
 

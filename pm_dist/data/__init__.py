@@ -18,7 +18,7 @@ _EXPORTS = {
     "ArrowDataset": "datasets", "SyntheticDataset": "datasets", "build_dataset": "datasets",
     "build_train_loader": "loader", "TrainLoader": "loader",
     "RecordIOReader": "recordio",
-    "convert_dataset": "conversion", "verify_dataset": "verify",
+    "convert_dataset": "to_arrow", "verify_dataset": "verify",
 }
 
 __all__ = sorted(_EXPORTS)

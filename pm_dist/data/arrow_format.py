@@ -16,12 +16,12 @@ a P×K batch sit next to each other on disk.
 
 Shards are read through ``pyarrow.memory_map``: opening one reads only its footer, a row touches only
 the pages of its own bytes, and the page cache is shared by every DataLoader worker and every rank on
-a machine. Files are written to ``*.tmp`` and renamed, so a shard is either complete or absent.
+a machine. Files are written to a temporary name and renamed (``pm_dist.files``), so a shard is either
+complete or absent.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zlib
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+from pm_dist.files import atomic_path, atomic_write_json
 
 from .errors import DataError
 
@@ -52,30 +54,14 @@ def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
-
-
-def _replace_atomically(tmp: str, final: str) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def write_shard(path: str, images: list, labels, sources: list[str]) -> None:
-    """Write one shard (atomically: ``path + '.tmp'`` then rename)."""
+    """Write one shard (atomically: a temporary file beside it, then renamed)."""
     n = len(images)
     if not (len(labels) == len(sources) == n):
         raise ValueError("images, labels and sources must have the same length")
     labels = np.asarray(labels, dtype=np.int64)
-    tmp = path + ".tmp"
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
+            pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
         for a in range(0, max(n, 1), BATCH_ROWS):
             b = min(a + BATCH_ROWS, n)
             chunk = [bytes(x) for x in images[a:b]]
@@ -85,24 +71,18 @@ def write_shard(path: str, images: list, labels, sources: list[str]) -> None:
                 pa.array(sources[a:b], pa.string()),
                 pa.array([crc32(x) for x in chunk], pa.uint32()),
             ], schema=SHARD_SCHEMA))
-    _replace_atomically(tmp, path)
 
 
 def write_identities(path: str, counts, starts, names) -> None:
     table = pa.table([pa.array(np.asarray(counts, np.int64)), pa.array(np.asarray(starts, np.int64)),
                       pa.array(names, pa.string())], schema=IDENTITY_SCHEMA)
-    tmp = path + ".tmp"
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, IDENTITY_SCHEMA) as writer:
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
+            pa.ipc.new_file(sink, IDENTITY_SCHEMA) as writer:
         writer.write_table(table)
-    _replace_atomically(tmp, path)
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    _replace_atomically(tmp, path)
+    atomic_write_json(path, obj, sort_keys=True)
 
 
 @dataclass

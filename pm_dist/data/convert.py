@@ -5,7 +5,7 @@
     python -m pm_dist.data.convert synthetic --num-identities 10000 --image-size 112 --out /data/syn
     python -m pm_dist.data.convert verify /data/ms1m-arrow [--decode]
 
-Rerunning an interrupted conversion with the same arguments continues it (see ``conversion.py``).
+Rerunning an interrupted conversion with the same arguments continues it (see ``to_arrow.py``).
 Exit status: 0 done, 1 verification found problems or bad input stopped the conversion, 2 usage.
 """
 
@@ -15,9 +15,9 @@ import argparse
 import logging
 import sys
 
-from .conversion import convert_dataset
+from .to_arrow import convert_dataset
 from .errors import DataError
-from .sources import FolderSource, RecSource, SyntheticSource
+from .raw_sources import FolderSource, RecSource, SyntheticSource
 from .synthetic import SyntheticIdentities
 from .verify import verify_dataset
 

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pm_dist.distributed import first_failure
+
 from .config import DataConfig
 from .datasets import build_dataset
 from .errors import BadSampleError, PeerDataError
@@ -107,25 +109,14 @@ def _sync_active(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-def _collective_device() -> torch.device:
-    """Where a tensor for the default group must live: NCCL-only groups take CUDA tensors only."""
-    backend = str(dist.get_backend())
-    if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _agree_on_failure(exc: BaseException | None, what: str) -> None:
     """Collective: raise on every rank when any rank has ``exc`` (each rank calls this once)."""
-    failed = torch.tensor([0.0 if exc is None else 1.0], device=_collective_device())
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item() == 0.0:
+    failure = first_failure(None if exc is None else f"{type(exc).__name__}: {exc}")
+    if failure is None:
         return
-    messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if exc is None else f"{type(exc).__name__}: {exc}")
     if exc is not None:
         raise exc
-    rank, msg = next((r, m) for r, m in enumerate(messages) if m is not None)
+    rank, msg = failure
     raise PeerDataError(f"rank {rank} failed {what}: {msg}")
 
 
@@ -199,8 +190,8 @@ def build_train_loader(
 
     ``sync_errors`` (default: on when a process group of W > 1 is initialised) makes every rank
     raise when one rank fails, at opening and at every batch (one tiny all-reduce per batch).
+    ``cfg`` is validated where it is made (loading a run config, or your own ``cfg.validate()``).
     """
-    cfg.validate()
     sync = _sync_active(world_size) if sync_errors is None else bool(sync_errors)
     exc, dataset, sampler = None, None, None
     try:

@@ -44,14 +44,17 @@ def image_size(data) -> tuple[int, int]:
     return h, w
 
 
-def normalize(images: np.ndarray, flips: np.ndarray | None = None):
-    """uint8 [B, H, W, 3] → float32 tensor [B, 3, H, W], flipped where ``flips``, normalised as
-    insightface. (torch is imported here, not above: converter processes never need it.)"""
+def normalize(images, flips: np.ndarray | None = None, device=None):
+    """uint8 [B, H, W, 3] (array or tensor) → float32 tensor [B, 3, H, W] on ``device`` (default:
+    the CPU), flipped where ``flips``, normalised as insightface. The one place the model's input
+    convention lives: training batches and evaluation images both pass here. (torch is imported
+    here, not above: converter processes never need it.)"""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32)
+    x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+    x = x.to(device).permute(0, 3, 1, 2).to(torch.float32)  # uint8 crosses to the device
     if flips is not None and len(flips) and flips.any():
-        sel = torch.from_numpy(np.flatnonzero(flips))
+        sel = torch.from_numpy(np.flatnonzero(flips)).to(x.device)
         x[sel] = x[sel].flip(-1)
     x = x.div_(255.0).sub_(0.5).div_(0.5)
     return x.contiguous()

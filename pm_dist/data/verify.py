@@ -22,7 +22,9 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from .arrow_format import ShardReader, crc32, sha256_file
+from pm_dist.files import sha256_file
+
+from .arrow_format import ShardReader, crc32
 from .errors import DataError
 from .transforms import DECODE_ERRORS, decode
 

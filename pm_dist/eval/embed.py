@@ -26,7 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pm_dist.distributed import all_gather_rows, all_reduce_, get_rank, get_world_size, is_distributed
+from pm_dist.distributed import (all_gather_rows, all_reduce_, collective_device, first_failure,
+                                 get_rank, get_world_size)
+
+from pm_dist.data.transforms import normalize
 
 from .images import as_source
 from .protocol import l2_normalize
@@ -68,10 +71,8 @@ def batch_range(num_images: int, batch_size: int, rank: int, world: int) -> tupl
 
 
 def to_input(batch: np.ndarray | torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
-    """uint8 [B, H, W, 3] RGB → insightface's model input float [B, 3, H, W] in [-1, 1]."""
-    x = torch.as_tensor(batch).to(device).permute(0, 3, 1, 2)
-    x = ((x / 255) - 0.5) / 0.5  # the same operations in the same order as insightface
-    return x.to(dtype)
+    """uint8 [B, H, W, 3] RGB → the model's input [B, 3, H, W] in [-1, 1] (as training's)."""
+    return normalize(batch, device=device).to(dtype)
 
 
 def _input_dtype(model) -> torch.dtype:
@@ -83,30 +84,10 @@ def _input_dtype(model) -> torch.dtype:
     return torch.float32
 
 
-def collective_device() -> torch.device:
-    """Where tensors must live for a collective: the current GPU under NCCL, else the CPU."""
-    if is_distributed() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def slowest_rank_seconds(start: float) -> float:
     """Wall time since ``start`` on the slowest rank (one all-reduce), so every rank reports the same."""
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=collective_device())
     return float(all_reduce_(elapsed, dist.ReduceOp.MAX).item())
-
-
-def _any_failed(message: str | None, device: torch.device) -> str | None:
-    """Every rank learns whether any failed; returns the first failing rank's message on all ranks."""
-    if get_world_size() == 1:
-        return message
-    flag = torch.tensor([0.0 if message is None else 1.0], device=device)
-    if all_reduce_(flag, dist.ReduceOp.MAX).item() == 0:
-        return None
-    messages = [None] * get_world_size()
-    dist.all_gather_object(messages, message)
-    rank = next(r for r, m in enumerate(messages) if m is not None)
-    return f"rank {rank}: {messages[rank]}"
 
 
 @torch.no_grad()
@@ -155,9 +136,9 @@ def extract_embeddings(model, images, batch_size: int = 64, device="cpu", flip: 
             if x is not None and failure is None:
                 plain.append(out)
                 flipped.append(out_flip)
-            failure = _any_failed(failure, coll)
-            if failure is not None:
-                raise EmbeddingError(f"embedding extraction failed on {failure}")
+            failed = first_failure(failure)
+            if failed is not None:
+                raise EmbeddingError(f"embedding extraction failed on rank {failed[0]}: {failed[1]}")
     finally:
         if isinstance(model, torch.nn.Module) and was_training:
             model.train()

@@ -1,6 +1,6 @@
 """Measure an encoder's CPU training throughput (forward + backward + SGD step), images/s.
 
-    python -m pm_dist.models.speed --arch tiny --image-size 32 --batch 128 --threads 2
+    python -m benchmarks.encoder_speed --arch tiny --image-size 32 --batch 128 --threads 2
 
 Used for the numbers in docs/models.md; a quick way to choose an encoder and image size
 that a CPU run can afford. Inputs are random, so only speed is meaningful.
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .registry import MODEL_NAMES, build_model
+from pm_dist.models import MODEL_NAMES, build_model
 
 
 def train_throughput(arch: str, image_size: int, batch: int, steps: int = 10, warmup: int = 2,
@@ -37,7 +37,7 @@ def train_throughput(arch: str, image_size: int, batch: int, steps: int = 10, wa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pm_dist.models.speed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.encoder_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="tiny", choices=MODEL_NAMES)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128)

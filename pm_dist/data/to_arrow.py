@@ -3,7 +3,7 @@ resumable, then finalised.
 
 Steps, and what makes each restartable:
 
-1. **Plan** (``sources.py``): every image as (label, reference), sorted by label, saved to
+1. **Plan** (``raw_sources.py``): every image as (label, reference), sorted by label, saved to
    ``OUT/.convert/plan.npz`` with the settings in ``OUT/.convert/settings.json``. A rerun with the
    same settings reuses the saved plan; different settings are refused unless ``overwrite``.
 2. **Shards**: shard i holds plan rows [i·shard_rows, (i+1)·shard_rows) minus the samples dropped by
@@ -34,11 +34,13 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from .arrow_format import (IDENTITIES, MANIFEST, Manifest, ShardReader, sha256_file, shard_name,
+from pm_dist.files import atomic_path, sha256_file
+
+from .arrow_format import (IDENTITIES, MANIFEST, Manifest, ShardReader, shard_name,
                            write_identities, write_json, write_shard)
 from .datasets import ArrowDataset
 from .errors import BadSampleError, DataError
-from .sources import Plan
+from .raw_sources import Plan
 from .transforms import DECODE_ERRORS, decode, image_size
 
 log = logging.getLogger("pm_dist.data")
@@ -125,9 +127,8 @@ def _load_or_plan(source, out: str, settings: dict, policy: str) -> Plan:
     plan = source.plan(policy)
     meta = {"num_identities": plan.num_identities, "names": plan.names,
             "skipped": [{"where": e.where, "source": e.source, "reason": e.reason} for e in plan.skipped]}
-    tmp = plan_path + ".tmp.npz"
-    np.savez(tmp, labels=plan.labels, refs=plan.refs, meta=np.array(json.dumps(meta)))
-    os.replace(tmp, plan_path)
+    with atomic_path(plan_path, suffix=".npz") as tmp:  # np.savez adds .npz to other names
+        np.savez(tmp, labels=plan.labels, refs=plan.refs, meta=np.array(json.dumps(meta)))
     write_json(settings_path, settings)
     return plan
 
@@ -144,7 +145,7 @@ def convert_dataset(
     decode_check: bool = True, max_shards: int | None = None, overwrite: bool = False,
     progress: bool = False,
 ) -> ConversionReport:
-    """Convert ``source`` (a ``sources.py`` source) into the Arrow dataset directory ``out``."""
+    """Convert ``source`` (a ``raw_sources.py`` source) into the Arrow dataset directory ``out``."""
     if policy not in ("error", "skip"):
         raise ValueError(f'policy must be "error" or "skip", got {policy!r}')
     if shard_rows < 1 or workers < 1:
