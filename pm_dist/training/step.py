@@ -16,6 +16,7 @@ import torch
 
 from pm_dist.distributed import all_gather_rows, any_rank, gather_embeddings, gather_sizes
 from pm_dist.engine import checks_own_overflow, loss_scale, step_overflowed
+from pm_dist.training.timing import NO_TIMING
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,12 +25,13 @@ class TrainStep:
     """Callable ``(images, labels) -> metrics`` for one step; counts the steps it skipped."""
 
     def __init__(self, engine, head, head_optimizer, head_scheduler, *, lr_source, precision: str,
-                 zero_stage: int, device, note: Callable[[str], None]):
+                 zero_stage: int, device, note: Callable[[str], None], timer=NO_TIMING):
         self.engine, self.head = engine, head
         self.head_optimizer, self.head_scheduler = head_optimizer, head_scheduler
         self.lr_source = lr_source  # the encoder's optimizer: the rate this step uses
         self.precision, self.device, self.note = precision, device, note
         self.check_encoder_grads = not checks_own_overflow(zero_stage, precision)
+        self.timer = timer  # benchmarks/train_throughput.py times the sections below
         self.skipped_steps = 0
         self.step = 0  # the trainer's step, for messages
 
@@ -42,19 +44,30 @@ class TrainStep:
         sizes = gather_sizes(len(labels), self.device)  # skipped bad samples shorten batches
         if min(sizes) < 2:  # every rank sees the same sizes
             return self._skip(None, f"a rank has {min(sizes)} image(s) left after bad samples")
-        local = engine(images)
-        # Head numerics in fp32 whatever the encoder runs in.
-        embeddings = gather_embeddings(local.float(), sizes=sizes)
-        all_labels = all_gather_rows(labels, sizes=sizes)
-        out = self.head(embeddings, all_labels)
+        with self.timer.section("encoder forward"):
+            local = engine(images)
+        with self.timer.section("gather + head forward"):
+            # Head numerics in fp32 whatever the encoder runs in.
+            embeddings = gather_embeddings(local.float(), sizes=sizes)
+            all_labels = all_gather_rows(labels, sizes=sizes)
+            out = self.head(embeddings, all_labels)
 
         if any_rank(not bool(torch.isfinite(out.loss)), self.device):
             return self._skip(out, "non-finite loss")
         scale = loss_scale(engine) if self.precision == "fp16" else 1.0
-        engine.backward(out.loss)
+        with self.timer.section("backward"):
+            engine.backward(out.loss)
         if any_rank(not _all_finite(self._grads_to_check()), self.device):
             engine.zero_grad()
             return self._skip(out, "non-finite gradient")
+        with self.timer.section("optimizer steps"):
+            overflow = self._optimizer_steps(scale)
+        return self._metrics(out, skipped=overflow)
+
+    def _optimizer_steps(self, scale: float) -> bool:
+        """The engine's step, then the head's at accumulation boundaries unless DeepSpeed skipped
+        its own (an fp16 overflow): the two never diverge. Returns whether it was skipped."""
+        engine = self.engine
         boundary = engine.is_gradient_accumulation_boundary()
         engine.step()
         overflow = step_overflowed(engine)
@@ -67,7 +80,7 @@ class TrainStep:
                 self.head_optimizer.step()
                 self.head_scheduler.step()
             self.head_optimizer.zero_grad(set_to_none=True)
-        return self._metrics(out, skipped=overflow)
+        return overflow
 
     def _grads_to_check(self) -> list[torch.Tensor]:
         params = list(self.head.parameters())
