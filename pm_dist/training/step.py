@@ -92,7 +92,7 @@ class TrainStep:
             raise RuntimeError(f"step {self.step}: DeepSpeed's accumulation boundary disagrees "
                                "with the trainer's")
         engine.step()
-        overflow = step_overflowed(engine)
+        overflow = boundary and step_overflowed(engine)  # the flag is stale between boundaries
         if self.head_optimizer is not None and boundary:
             if not overflow:
                 if scale != 1.0:  # engine.backward scaled the head's gradients as well
