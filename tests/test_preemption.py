@@ -1,0 +1,93 @@
+"""Stopping when asked: a signal on one rank or the stop file stops every rank after the same step,
+with a checkpoint, no final evaluation or export, and exit status 75; the resumed run ends where
+an uninterrupted one does."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from pm_dist.config import load_config
+from pm_dist.distributed import get_rank, init_distributed
+from pm_dist.preemption import EXIT_PREEMPTED, STOP_FILE_ENV, Stopper
+from pm_dist.train import Trainer
+from test_train import BASE
+
+EXTRA = ["run.steps=10", "run.checkpoint_every=4", "eval.synthetic_pairs=200"]
+
+
+def test_signal_and_stop_file_single_process(tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGUSR1)
+    with Stopper(stop_file=tmp_path / "STOP") as stopper:
+        assert not stopper.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stopper.should_stop() and stopper.reason == "received SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) == before  # handlers restored
+    monkeypatch.setenv(STOP_FILE_ENV, str(tmp_path / "STOP"))
+    with Stopper() as stopper:
+        assert not stopper.should_stop()
+        (tmp_path / "STOP").touch()
+        assert stopper.should_stop() and "stop file" in stopper.reason
+    assert EXIT_PREEMPTED == 75
+
+
+def _train(out_dir, overrides, resume="none", signal_rank=None, signal_after=None, stop_file=None):
+    if stop_file:
+        os.environ[STOP_FILE_ENV] = stop_file
+    try:
+        cfg = load_config(None, BASE + [f"run.out_dir={out_dir}"] + EXTRA + overrides)
+        trainer = Trainer(cfg, init_distributed(), resume=resume, record_history=True)
+        if signal_rank == get_rank():
+            inner = trainer.train_step
+
+            class Signalling:  # the trainer calls it and sets .step before each call
+                def __call__(self, *args):
+                    out = inner(*args)
+                    if inner.step + 1 == signal_after:
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                    return out
+
+                def __setattr__(self, name, value):
+                    setattr(inner, name, value)
+
+                def __getattr__(self, name):
+                    return getattr(inner, name)
+
+            trainer.train_step = Signalling()
+        result = trainer.fit()
+    finally:
+        os.environ.pop(STOP_FILE_ENV, None)
+    return dict(result=result, losses=[h["loss"] for h in trainer.history],
+                weights={k: v.clone() for k, v in trainer.engine.module.state_dict().items()},
+                head=trainer.head.shard_state())
+
+
+def test_a_signal_on_one_rank_stops_every_rank_with_a_checkpoint(dist_pool, tmp_path):
+    pool = dist_pool(2)
+    full = pool.run(_train, str(tmp_path / "full"), [])
+    run = str(tmp_path / "run")
+    stopped = pool.run(_train, run, [], "none", 1, 6)  # SIGUSR1 on rank 1 after step 6
+    for r in stopped:
+        assert r["result"]["step"] == 6 and r["result"]["eval"] == []
+    assert stopped[0]["result"]["preempted"] == "another rank was asked to stop"
+    assert stopped[1]["result"]["preempted"] == "received SIGUSR1"
+    assert os.path.isdir(os.path.join(run, "checkpoints", "step_00000006"))
+    assert not os.path.exists(os.path.join(run, "encoder.pt"))  # no export when stopped
+    resumed = pool.run(_train, run, [], "auto")
+    for f, s, r in zip(full, stopped, resumed):
+        assert s["losses"] + r["losses"] == f["losses"]
+        assert r["result"]["preempted"] is None and r["result"]["step"] == 10
+        for k, v in f["weights"].items():
+            assert torch.equal(v, r["weights"][k]), k
+        assert torch.equal(f["head"]["protos"], r["head"]["protos"])
+    assert os.path.exists(os.path.join(run, "encoder.pt"))
+
+
+def test_stop_file_stops_at_once_without_a_new_checkpoint(dist_pool, tmp_path):
+    stop = tmp_path / "STOP"
+    stop.touch()
+    results = dist_pool(2).run(_train, str(tmp_path), [], "none", None, None, str(stop))
+    assert all(r["result"]["step"] == 0 and r["result"]["preempted"] for r in results)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
