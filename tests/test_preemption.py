@@ -91,3 +91,32 @@ def test_stop_file_stops_at_once_without_a_new_checkpoint(dist_pool, tmp_path):
     results = dist_pool(2).run(_train, str(tmp_path), [], "none", None, None, str(stop))
     assert all(r["result"]["step"] == 0 and r["result"]["preempted"] for r in results)
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_exit_codes_of_the_command(tmp_path):
+    """75: stopped (here by a stop file present from the start); 2: a checkpoint error, one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    stop = tmp_path / "STOP"
+    stop.touch()
+    bad = tmp_path / "bad" / "checkpoints" / "step_00000004"
+    bad.mkdir(parents=True)  # no meta.json: nothing verifies
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "pm_dist.train", *BASE, "run.steps=2", "eval.synthetic_pairs=0"]
+    stopped = subprocess.Popen(args + [f"run.out_dir={tmp_path / 'run'}"],
+                               env=dict(env, **{STOP_FILE_ENV: str(stop)}), cwd=repo,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    refused = subprocess.Popen(args + [f"run.out_dir={tmp_path / 'bad'}", "--resume", "auto"],
+                               env=env, cwd=repo, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    out_s, _ = stopped.communicate(timeout=180)
+    out_r, _ = refused.communicate(timeout=180)
+    assert stopped.returncode == EXIT_PREEMPTED, out_s[-3000:]
+    assert "stopped at step 0" in out_s
+    assert refused.returncode == 2, out_r[-3000:]
+    assert "checkpoint error: --resume auto:" in out_r and "auto-or-fresh" in out_r
+    assert bad.is_dir()  # refused: nothing moved
