@@ -120,3 +120,37 @@ def test_exit_codes_of_the_command(tmp_path):
     assert refused.returncode == 2, out_r[-3000:]
     assert "checkpoint error: --resume auto:" in out_r and "auto-or-fresh" in out_r
     assert bad.is_dir()  # refused: nothing moved
+
+
+def test_sigterm_to_every_process_saves_even_with_loader_workers(tmp_path):
+    """What Slurm does at preemption: SIGTERM to every process of the job, DataLoader workers
+    included. The workers survive it (they inherit the trainer's handler), the trainer saves at
+    the next step and exits 75."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "pm_dist.train", *BASE, "run.steps=2000", "data.num_workers=2",
+            "eval.synthetic_pairs=0", "run.log_every=1", f"run.out_dir={run}"]
+    proc = subprocess.Popen(args, env=env, cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists()
+                   and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    assert "received SIGTERM" in out
+    saved = sorted((run / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and int(saved[0].name[5:]) >= 3
