@@ -96,23 +96,31 @@ class FullFC(Head):
         return state
 
     def load_shards(self, shards: ShardFiles, optimizer=None) -> list[str]:
-        """Own rows from the save of the same world size; else every shard is read, concatenated in
-        rank order (class order) and sliced to this rank's rows, optimizer buffers included."""
-        saved = shards[0]
+        """Own rows from the save of the same world size (only this rank's file is read); else only
+        the saved shards whose class ranges overlap this rank's are read, concatenated in rank order
+        (class order) and sliced to this rank's rows, optimizer buffers included."""
+        old_world = len(shards)
+        if old_world == self.world_size:
+            needed = [self.rank]
+        else:
+            ranges = [class_range(self.num_classes, old_world, r) for r in range(old_world)]
+            needed = [r for r, (lo, hi) in enumerate(ranges) if lo < self.end and hi > self.start]
+        states = [shards[r] for r in needed or [0]]
+        saved = states[0]
         if saved.get("num_classes", self.num_classes) != self.num_classes:
             raise ValueError(f"head saved for {saved['num_classes']} classes, this run has "
                              f"{self.num_classes}")
-        if len(shards) == self.world_size:
-            own = shards[self.rank]
-            self.load_state_dict(own["head"])
-            if optimizer is not None and "optimizer" in own:
-                optimizer.load_state_dict(own["optimizer"])
+        if old_world == self.world_size:
+            self.load_state_dict(saved["head"])
+            if optimizer is not None and "optimizer" in saved:
+                optimizer.load_state_dict(saved["optimizer"])
             return []
-        module, optim = reshard_fc_state(shards[:], self.start, self.end)
+        first = class_range(self.num_classes, old_world, (needed or [0])[0])[0]
+        module, optim = reshard_fc_state(states, self.start - first, self.end - first)
         self.load_state_dict(module)
         if optimizer is not None and optim is not None:
             optimizer.load_state_dict(optim)
-        return [f"class weights resharded from {len(shards)} to {self.world_size} ranks"]
+        return [f"class weights resharded from {old_world} to {self.world_size} ranks"]
 
 
 class PartialFC(FullFC):
