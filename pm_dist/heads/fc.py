@@ -73,9 +73,10 @@ class FullFC(Head):
         weight, column_ids, local_target = self._columns(labels, local_target)
         res = sharded_margin_softmax(F.normalize(embeddings.float()), F.normalize(weight),
                                      local_target, self.margin, column_ids=column_ids,
-                                     group=self.group)
+                                     group=self.group, hardest_ids=self.report_hardest)
         return HeadOutput(res.loss, res.accuracy, res.hardest_id,
-                          {"columns": float(weight.shape[0])})
+                          {"columns": float(weight.shape[0])},
+                          res.hardest_cos if self.report_hardest else None)
 
     def _columns(self, labels, local_target):
         ids = torch.arange(self.start, self.end, device=labels.device)
