@@ -126,6 +126,31 @@ def first_failure(message: str | None, group=None) -> tuple[int, str] | None:
     return next((r, m) for r, m in enumerate(messages) if m is not None)
 
 
+def average_buffers(module: torch.nn.Module, group=None) -> None:
+    """Collective: make every rank's buffers identical. Floating buffers (BatchNorm running
+    statistics) become their mean over the ranks; the others (counters) take rank 0's value.
+
+    Data parallelism keeps the parameters identical, not the buffers: each rank's BatchNorm tracks
+    the statistics of its own slice of the batch. One all-reduce per buffer dtype.
+    """
+    if get_world_size(group) == 1:
+        return
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for buf in module.buffers():
+        by_kind.setdefault((buf.dtype, buf.device), []).append(buf)
+    for (dtype, _), bufs in by_kind.items():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        if dtype.is_floating_point:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            flat.div_(get_world_size(group))
+        else:
+            dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+        offset = 0
+        for b in bufs:
+            b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def gather_sizes(n: int, device: torch.device | str = "cpu", group=None) -> list[int]:
     """Every rank's row count, in rank order."""
     world = get_world_size(group)

@@ -12,6 +12,7 @@ import importlib
 import torch
 
 from pm_dist.config import RunConfig
+from pm_dist.models.norm import is_norm_statistic, keep_norm_stats_fp32
 from pm_dist.training.optim import build_optimizer, build_scheduler
 
 
@@ -53,17 +54,19 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
 def initialize_encoder(model: torch.nn.Module, cfg: RunConfig, world_size: int):
     """(engine, optimizer, scheduler) for the encoder."""
     deepspeed = import_deepspeed()
+    keep_norm_stats_fp32(model)
     # insightface's IResNet freezes features.weight: optimize what trains.
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world_size), dist_init_required=False)
-    # DeepSpeed casts parameters to bf16/fp16 but leaves buffers fp32; BatchNorm on CPU refuses
-    # half weights with fp32 running statistics.
+    # DeepSpeed casts parameters to bf16/fp16 and leaves buffers fp32. Normalization statistics
+    # stay fp32 (models/norm.py); any other floating buffer follows the parameters.
     dtype = next(engine.module.parameters()).dtype
-    for buf in engine.module.buffers():
-        if buf.is_floating_point() and buf.dtype != dtype:
+    for name, buf in engine.module.named_buffers():
+        if (buf.is_floating_point() and buf.dtype != dtype
+                and not is_norm_statistic(engine.module, name)):
             buf.data = buf.data.to(dtype)
     return engine, optimizer, scheduler
 
@@ -84,7 +87,47 @@ def step_overflowed(engine) -> bool:
     return bool(getattr(engine.optimizer, "overflow", False))
 
 
-def checks_own_overflow(zero_stage: int, precision: str) -> bool:
-    """ZeRO ≥ 1 checks its own partitions, and fp16's loss scaler must see its overflows itself to
-    lower the scale: then the trainer must leave the encoder's gradients to DeepSpeed."""
-    return zero_stage > 0 or precision == "fp16"
+def checks_own_overflow(engine) -> bool:
+    """Whether DeepSpeed finds non-finite gradients itself and skips the step (its fp16/bf16 and
+    ZeRO optimizers carry an ``overflow`` flag; a plain torch optimizer under ZeRO-0 fp32 does
+    not). Where it does, the trainer leaves the encoder's gradients to it (fp16's loss scaler must
+    see its overflows to lower the scale)."""
+    return hasattr(engine.optimizer, "overflow")
+
+
+def skip_micro_step(engine) -> None:
+    """Count a micro-batch the trainer drew but did not run, so DeepSpeed's accumulation
+    boundaries stay on the trainer's."""
+    engine.micro_steps += 1
+
+
+def drop_accumulation_window(engine, image_shape: tuple[int, ...]) -> None:
+    """End the current accumulation window without an update, as DeepSpeed ends one whose
+    gradients overflowed: the gradients accumulated so far are discarded, the learning rate does
+    not move, ``global_steps`` and ``skipped_steps`` count it. Call it in place of the window's
+    last ``engine.step()``.
+
+    Where DeepSpeed checks gradients itself, its gradient state (ZeRO partitions, fp16/bf16 flat
+    buffers) is not ours to clear: one backward of a NaN-scaled output of two blank images (in eval
+    mode: no statistic or dropout draw changes) makes every accumulated gradient non-finite, and
+    DeepSpeed's own overflow path discards the window.
+    """
+    if checks_own_overflow(engine):
+        module = engine.module
+        was_training = module.training
+        module.eval()
+        param = next(module.parameters())
+        blank = torch.zeros((2, *image_shape), dtype=param.dtype, device=param.device)
+        out = engine(blank)
+        module.train(was_training)
+        assert engine.is_gradient_accumulation_boundary(), "not the window's last micro-step"
+        engine.backward(out.float().sum() * float("nan"))
+        engine.step()
+        if not step_overflowed(engine):
+            raise RuntimeError("DeepSpeed applied an update to a dropped accumulation window")
+        return
+    engine.zero_grad()
+    engine.micro_steps += 1
+    engine.global_steps += 1
+    engine.skipped_steps += 1
+    engine.global_samples += engine.train_batch_size()

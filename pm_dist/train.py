@@ -21,7 +21,7 @@ import torch
 
 from pm_dist.config import RunConfig, load_config
 from pm_dist.config_io import ConfigError
-from pm_dist.distributed import DistEnv, init_distributed
+from pm_dist.distributed import DistEnv, average_buffers, init_distributed
 from pm_dist.engine import initialize_encoder
 from pm_dist.heads import HeadContext, build_head
 from pm_dist.metrics import MetricsLogger
@@ -29,7 +29,7 @@ from pm_dist.plugins import PluginError, load_plugins
 from pm_dist.training.checkpoints import CheckpointManager
 from pm_dist.training.optim import build_optimizer, build_scheduler
 from pm_dist.training.outputs import export_encoder, write_run_info
-from pm_dist.training.rng import seed_everything
+from pm_dist.training.rng import seed_everything, seed_rank_streams
 from pm_dist.training.step import TrainStep
 
 
@@ -70,6 +70,7 @@ class Trainer:
         model = build_model(cfg.model.name, cfg.model.embedding_size, cfg.data.image_size,
                             cfg.model.dropout)
         self._init_from(model, ckpt)  # before initialize: DeepSpeed broadcasts rank 0's weights
+        seed_rank_streams(cfg.run.seed, env.rank)  # dropout draws differ between ranks
         self.engine, self.optimizer, self.scheduler = initialize_encoder(model, cfg, env.world_size)
         self.head, self.head_optimizer, self.head_scheduler = self._build_head()
         self.metrics = MetricsLogger(self.run_dir, enabled=env.is_main, progress=cfg.run.progress,
@@ -77,8 +78,8 @@ class Trainer:
         self.train_step = TrainStep(
             self.engine, self.head, self.head_optimizer, self.head_scheduler,
             lr_source=self.optimizer, precision=cfg.deepspeed.effective_precision,
-            zero_stage=cfg.deepspeed.effective_zero_stage, device=self.device,
-            note=self.metrics.note)
+            grad_accum=cfg.batch.grad_accum, device=self.device, note=self.metrics.note,
+            image_shape=(3, cfg.data.image_size, cfg.data.image_size))
         if ckpt is not None:
             self._resume(ckpt, meta)
         if env.is_main:
@@ -141,6 +142,7 @@ class Trainer:
                     tick = time.perf_counter()
             self.save()
             last_eval = self.evaluate()
+            self._sync_replicas()
             if self.env.is_main:
                 export_encoder(self.engine.module, self.run_dir, cfg, self.metrics.note)
         finally:
@@ -159,6 +161,7 @@ class Trainer:
         from pm_dist.eval.suites import run_suites
         from pm_dist.evaluate import eval_context, suites_from_config
 
+        self._sync_replicas()
         model = self.engine.module
         was_training = model.training
         model.eval()
@@ -173,10 +176,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
+        self._sync_replicas()
         path = self.checkpoints.save(self.step, self.engine, self.head, self.head_optimizer,
                                      self.head_scheduler, {"skipped_steps": self.skipped_steps})
         self.metrics.note(f"checkpoint: {path}")
         return path
+
+    def _sync_replicas(self) -> None:
+        """Every rank's encoder identical, BatchNorm statistics included (their mean over ranks),
+        before anything reads or writes it as *the* encoder: evaluation, checkpoint, export."""
+        average_buffers(self.engine.module)
 
     def _resume(self, ckpt: Path, meta: dict) -> None:
         extra = self.checkpoints.load(ckpt, meta, self.engine, self.head, self.head_optimizer,

@@ -4,14 +4,17 @@ Spawning a process group costs seconds (interpreter start, ``import torch``), so
 started once per test session and reused: ``pool.run(fn, *args)`` calls ``fn(*args)`` on every rank
 (inside an initialised gloo group) and returns the per-rank results in rank order. ``fn`` must be a
 module-level function (it is pickled by reference). An exception on any rank is re-raised here with
-that rank's traceback; a rank that does not answer within the timeout fails the test instead of
-hanging it, and the pool is torn down so later cases start a fresh one.
+that rank's traceback, and every other failed rank's; a rank that does not answer within the timeout
+(or within a grace period after another rank failed) fails the test instead of hanging it, and the
+pool is torn down so later cases start a fresh one.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -50,9 +53,9 @@ class RankError(RuntimeError):
 
 
 class DistPool:
-    def __init__(self, world_size: int, timeout_s: float = 300.0):
+    def __init__(self, world_size: int, timeout_s: float = 300.0, grace_s: float = 20.0):
         self.world_size = world_size
-        self.timeout_s = timeout_s
+        self.timeout_s, self.grace_s = timeout_s, grace_s
         ctx = mp.get_context("spawn")
         port = _free_port()
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
@@ -72,19 +75,36 @@ class DistPool:
     def run(self, fn, *args, **kwargs) -> list:
         for box in self.inboxes:
             box.put((fn, args, kwargs))
-        results, errors = [], []
-        for rank, box in enumerate(self.outboxes):
-            try:
-                status, value = box.get(timeout=self.timeout_s)
-            except Exception:
-                self.close()
-                raise RankError(f"rank {rank} gave no answer within {self.timeout_s}s") from None
-            if status == "error":
-                errors.append(f"--- rank {rank} ---\n{value}")
-            results.append(value)
+        answers = self._collect()
+        errors = [f"--- rank {r} ---\n{value}" for r, (status, value) in sorted(answers.items())
+                  if status == "error"]
+        silent = [r for r in range(self.world_size) if r not in answers]
+        if silent:  # the pool is unusable: a rank is stuck (most often in a collective)
+            self.close()
+            errors.append(f"rank(s) {silent} gave no answer within "
+                          f"{self.grace_s if errors else self.timeout_s:.0f}s"
+                          + (" of the first error (stuck in a collective the failed rank never "
+                             "joined?)" if errors else ""))
         if errors:
             raise RankError("\n".join(errors))
-        return results
+        return [answers[r][1] for r in range(self.world_size)]
+
+    def _collect(self) -> dict[int, tuple[str, object]]:
+        """Every rank's answer; once one rank has failed, the others get ``grace_s`` more, so a
+        rank that raised before a collective shows its traceback instead of the others' silence."""
+        answers: dict[int, tuple[str, object]] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while len(answers) < self.world_size and time.monotonic() < deadline:
+            for rank, box in enumerate(self.outboxes):
+                if rank in answers:
+                    continue
+                try:
+                    answers[rank] = box.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if answers[rank][0] == "error":
+                    deadline = min(deadline, time.monotonic() + self.grace_s)
+        return answers
 
     def close(self) -> None:
         for box, p in zip(self.inboxes, self.procs):

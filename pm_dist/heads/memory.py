@@ -283,7 +283,7 @@ class PrototypeMemory(Head):
         graph, so a loop that calls backward anyway gets NaN gradients and skips the update."""
         none = torch.zeros(0, dtype=torch.int64, device=x.device)
         stats = self._stats(self.step, 0, 0, 0, 0, none, skipped=True)
-        loss = x.sum() * 0.0 + float("nan")
+        loss = (x * float("nan")).sum()  # NaN gradients, not zeros: no optimizer can miss it
         hardest = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
         return HeadOutput(loss, torch.tensor(float("nan"), device=x.device), hardest, stats)
 

@@ -15,6 +15,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """A different stream per rank, drawn once the encoder is built (its initial weights come from
+    the shared seed): dropout masks and random augmentation must differ between ranks. Every rank
+    of a run and every run with the same seed draws the same streams."""
+    # Mixed, not seed + rank: rank 1 of seed 0 would draw what rank 0 of seed 1 draws.
+    seed_everything(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
