@@ -72,6 +72,7 @@ class Trainer:
         self.num_classes = self.loader.dataset.num_classes
         model = build_model(cfg.model.name, cfg.model.embedding_size, cfg.data.image_size,
                             cfg.model.dropout)
+        self._init_from(model, ckpt)  # before initialize: DeepSpeed broadcasts rank 0's weights
         seed_rank_streams(cfg.run.seed, env.rank)  # dropout draws differ between ranks
         self.engine, self.optimizer, self.scheduler = initialize_encoder(model, cfg, env.world_size)
         self.head, self.head_optimizer, self.head_scheduler = self._build_head()
@@ -86,6 +87,21 @@ class Trainer:
             self._resume(ckpt, meta)
         if env.is_main:
             write_run_info(self.run_dir, cfg, env, self.num_classes)
+
+    def _init_from(self, model, ckpt) -> None:
+        """``model.init_from``: start the encoder from trained weights (the head starts fresh)."""
+        source = self.cfg.model.init_from
+        if not source:
+            return
+        if ckpt is not None:
+            self._log_main(f"model.init_from={source} ignored: resuming from {ckpt} (the "
+                           "checkpoint's weights win)")
+            return
+        from pm_dist.models.loading import init_from
+
+        m = self.cfg.model
+        meta = init_from(model, source, m.name, m.embedding_size, self.cfg.data.image_size)
+        self._log_main(f"encoder initialised from {source} ({meta['arch']}, D={meta['embedding_size']})")
 
     def _build_head(self):
         cfg = self.cfg

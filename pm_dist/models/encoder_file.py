@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import MODEL_NAMES, build_model
+from .registry import ALIASES, MODEL_NAMES, build_model, canonical_name
 
 ENCODER_FORMAT = "pm_dist.encoder"
 ENCODER_VERSION = 1
@@ -80,6 +80,8 @@ def save_encoder(path: str | os.PathLike, model: nn.Module, arch: str, embedding
     not discovered at evaluation time.
     """
     path = Path(path)
+    if arch in ALIASES:
+        arch = ALIASES[arch]
     _check_fields(path, arch, embedding_size, image_size)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     reference = _build(path, arch, embedding_size, image_size, device="meta").state_dict()
@@ -151,6 +153,11 @@ def load_encoder(
     file, or weights that do not fit the architecture; ``FileNotFoundError`` if it is absent.
     """
     path = Path(path)
+    if arch is not None:
+        try:  # insightface's names (r50, mbf, ...) are accepted
+            arch = canonical_name(arch)
+        except ValueError as e:
+            raise EncoderFileError(path, str(e)) from None
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such encoder file")
     try:
