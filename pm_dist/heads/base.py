@@ -13,7 +13,8 @@ holds its own shard of the classifier columns. The trainer knows heads only thro
   ``shards`` is a ``ShardFiles``: indexing it reads one rank's file, so a head reads only what it
   needs (its own shard when nothing changed).
 * ``report_hardest``: when True, ``HeadOutput.hardest_class`` names each row's hardest non-target
-  class (doppelganger mining); off, the softmax saves that collective.
+  class and ``hardest_cos`` its cosine (doppelganger mining, ``pm_dist.mining``, sets it); off, the
+  softmax saves that collective.
 
 A new head is a module with a ``Head`` subclass and one ``register_head`` line
 (``pm_dist.heads.registry``); see docs/extending.md.
@@ -36,6 +37,7 @@ class HeadOutput:
     accuracy: torch.Tensor  # scalar
     hardest_class: torch.Tensor | None  # [N] class of the hardest non-target column (−1: none)
     stats: dict[str, float] = field(default_factory=dict)
+    hardest_cos: torch.Tensor | None = None  # [N] float cosine to that column; None: not reported
 
 
 class ShardFiles(Sequence):

@@ -75,7 +75,7 @@ class FullFC(Head):
                                      local_target, self.margin, column_ids=column_ids,
                                      group=self.group)
         return HeadOutput(res.loss, res.accuracy, res.hardest_id,
-                          {"columns": float(weight.shape[0])})
+                          {"columns": float(weight.shape[0])}, hardest_cos=res.hardest_cos)
 
     def _columns(self, labels, local_target):
         ids = torch.arange(self.start, self.end, device=labels.device)

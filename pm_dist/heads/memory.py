@@ -173,7 +173,7 @@ class PrototypeMemory(Head):
         stats = self._stats(step, len(owned), upd["hit"].sum(), upd["evictions"], forgotten,
                             upd["target_age"])
         self.step = step + 1
-        return HeadOutput(res.loss, res.accuracy, res.hardest_id, stats)
+        return HeadOutput(res.loss, res.accuracy, res.hardest_id, stats, hardest_cos=res.hardest_cos)
 
     def _check_fits(self, classes: torch.Tensor) -> None:
         """Every class of a step needs its own slot on its owner: refuse a batch whose classes

@@ -84,3 +84,8 @@ class CheckpointManager:
         for name, value in rank_state["buffers"].items():
             own[name].copy_(value)
         return {k: v for k, v in rank_state.items() if k not in ("rng", "buffers", "head_scheduler")}
+
+    # -- replicated state (the doppelganger table): saved by rank 0 in its rank state, read by all
+    def replicated_state(self, ckpt: Path, meta: dict, key: str):
+        """``key`` of rank 0's saved state (None when absent), whatever this rank and world size."""
+        return load_file(ckpt / "state_rank0.pt").get(key)
