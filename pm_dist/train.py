@@ -26,6 +26,7 @@ from pm_dist.distributed import DistEnv, average_buffers, init_distributed
 from pm_dist.engine import initialize_encoder
 from pm_dist.heads import HeadContext, build_head
 from pm_dist.metrics import MetricsLogger
+from pm_dist.mining import attach as attach_miner
 from pm_dist.plugins import PluginError, load_plugins
 from pm_dist.preemption import EXIT_PREEMPTED, Stopper
 from pm_dist.training.checkpoints import CheckpointManager
@@ -83,6 +84,7 @@ class Trainer:
             lr_source=self.optimizer, precision=cfg.deepspeed.effective_precision,
             grad_accum=cfg.batch.grad_accum, device=self.device, note=self.metrics.note,
             image_shape=(3, cfg.data.image_size, cfg.data.image_size))
+        self.miner = attach_miner(cfg.mining, self.loader, self.head, self.train_step)  # None: off
         if ckpt is not None:
             self._resume(ckpt, meta)
         if env.is_main:
@@ -140,6 +142,8 @@ class Trainer:
                 self.engine.train()
                 self.train_step.step = self.step
                 m = self.train_step(images, labels)
+                if self.miner is not None:
+                    m.update(self.miner.end_step(self.step, m))
                 self.step += 1
                 now = time.perf_counter()
                 m["images_per_s"] = cfg.batch.global_batch / max(now - tick, 1e-9)
@@ -194,7 +198,8 @@ class Trainer:
     def save(self) -> Path:
         self._sync_replicas()
         path = self.checkpoints.save(self.step, self.engine, self.head, self.head_optimizer,
-                                     self.head_scheduler, {"skipped_steps": self.skipped_steps})
+                                     self.head_scheduler, {"skipped_steps": self.skipped_steps,
+                                                           **self._mining_state()})
         self.metrics.note(f"checkpoint: {path}")
         return path
 
@@ -203,9 +208,23 @@ class Trainer:
         before anything reads or writes it as *the* encoder: evaluation, checkpoint, export."""
         average_buffers(self.engine.module)
 
+    def _mining_state(self) -> dict:
+        """The doppelganger table is replicated: rank 0 saves it, every rank loads that copy."""
+        if self.miner is None or not self.env.is_main:
+            return {}
+        return {"mining": self.miner.state_dict()}
+
     def _resume(self, ckpt: Path, meta: dict) -> None:
         extra = self.checkpoints.load(ckpt, meta, self.engine, self.head, self.head_optimizer,
                                       self.head_scheduler)
+        if self.miner is not None:
+            state = self.checkpoints.replicated_state(ckpt, meta, "mining")
+            if state is None:
+                self._log_main(f"resume: {ckpt} has no doppelganger table; mining starts empty "
+                               f"(batches differ from a run that mined from the start)")
+                self.miner.table.start_at(meta["step"])
+            else:
+                self.miner.load_state_dict(state)
         self.train_step.skipped_steps = extra.get("skipped_steps", 0)
         self.step = meta["step"]
         self._log_main(f"resumed from {ckpt} at step {self.step}")

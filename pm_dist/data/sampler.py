@@ -22,7 +22,10 @@ identities. The sampler first draws the rest at random, then calls
 ``fn(step, rng, num)`` or, when ``fn`` declares a ``drawn`` parameter, ``fn(step, rng, num, drawn=...)``
 with the identities already drawn (so a doppelganger miner can return their look-alikes). ``rng`` is
 a generator seeded from (seed, step). Proposals that are out of range raise; duplicates and empty
-identities are dropped, and any shortfall is filled at random.
+identities are dropped, and any shortfall is filled at random. The doppelganger miner
+(``pm_dist.mining``, the ``mining`` config section) is the proposer the trainer connects: it returns
+the look-alikes of the drawn identities from a table that every rank holds alike, so the batch stays
+identical on every rank and replays on resume.
 """
 
 from __future__ import annotations

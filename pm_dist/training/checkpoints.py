@@ -102,3 +102,8 @@ class CheckpointManager:
         state = load_file(path)
         check_loaded(state, meta, path)
         return state
+
+    # -- replicated state (the doppelganger table): saved by rank 0 in its rank state, read by all
+    def replicated_state(self, ckpt: Path, meta: dict, key: str):
+        """``key`` of rank 0's saved state (None when absent), whatever this rank and world size."""
+        return self._load_checked(ckpt / "state_rank0.pt", meta).get(key)
