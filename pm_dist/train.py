@@ -71,6 +71,9 @@ class Trainer:
                                          cfg.batch.images_per_class, env.rank, env.world_size,
                                          start_step=meta["step"] if meta else 0)
         self.num_classes = self.loader.dataset.num_classes
+        if self.loader.sampler.num_ineligible:
+            self._log_main(f"data: {self.loader.sampler.num_ineligible} of {self.num_classes} "
+                           "identities have fewer than 2 images and are never batch identities")
         model = build_model(cfg.model.name, cfg.model.embedding_size, cfg.data.image_size,
                             cfg.model.dropout)
         self._init_from(model, ckpt)  # before initialize: DeepSpeed broadcasts rank 0's weights
