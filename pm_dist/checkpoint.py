@@ -136,10 +136,17 @@ def save_checkpoint(root: str | os.PathLike, step: int, engine, head_state: dict
         error = f"{type(err).__name__}: {err}"
     _raise_together(error, f"writing checkpoint {final}")
     # Every file is whole now; each rank hashes a share of them (rank 0 lists them for all).
-    error, manifest = None, {}
+    error, files = None, None
+    if rank == 0:
+        try:
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        except OSError as err:
+            error = f"cannot list {tmp}: {err}"
+    error, files = _broadcast((error, files))
+    if error is not None:
+        raise CheckpointError(f"checkpoint {final}: {error}")
+    manifest = {}
     try:
-        files = _broadcast(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-                           if rank == 0 else None)
         mine = files[rank::world]
         paths = [tmp / rel for rel in mine]
         for f in paths:

@@ -255,8 +255,9 @@ def main(argv=None) -> int:
         return 2
     if result["preempted"]:
         if env.is_main:
-            print(f"stopped at step {result['step']} ({result['preempted']}) with a checkpoint of "
-                  f"that step; exit {EXIT_PREEMPTED}: --resume auto continues", flush=True)
+            saved = " with a checkpoint of that step" if result["step"] else ""
+            print(f"stopped at step {result['step']} ({result['preempted']}){saved}; "
+                  f"exit {EXIT_PREEMPTED}: --resume auto continues", flush=True)
         if env.backend is not None:
             torch.distributed.destroy_process_group()
         return EXIT_PREEMPTED

@@ -56,6 +56,7 @@ class SlurmCluster:
         self.cpus = cpus_per_node
         self.cred_expire_s = cred_expire_s
         self.procs: list[subprocess.Popen] = []
+        self._hosts_line: str | None = None  # the /etc/hosts line this cluster added
         self.conf = self.root / "slurm.conf"
         self.socket = self.root / "munge" / "munge.socket.2"
 
@@ -101,8 +102,9 @@ class SlurmCluster:
     def _hosts(self) -> None:
         missing = [n for n in NODES if not _resolves(n)]
         if missing:
+            self._hosts_line = f"127.0.0.1 {' '.join(missing)}  # pm_dist Slurm test cluster {os.getpid()}"
             with open(HOSTS, "a") as f:
-                f.write(f"\n127.0.0.1 {' '.join(missing)}  # pm_dist Slurm test cluster\n")
+                f.write(f"\n{self._hosts_line}\n")
 
     def _start_munge(self) -> None:
         key = self.root / "munge" / "munge.key"
@@ -201,6 +203,18 @@ class SlurmCluster:
                 p.kill()
                 p.wait()
         self.procs.clear()
+        if self._hosts_line:  # take back the names it added (rewritten in place: /etc/hosts may be
+            try:              # a bind mount that cannot be replaced)
+                with open(HOSTS) as f:
+                    lines = f.read().splitlines(keepends=True)
+                kept = [x for x in lines if x.strip() != self._hosts_line]
+                if kept and not kept[-1].strip():
+                    kept.pop()
+                with open(HOSTS, "w") as f:
+                    f.writelines(kept)
+            except OSError:
+                pass
+            self._hosts_line = None
 
     def __enter__(self) -> SlurmCluster:
         return self.start()

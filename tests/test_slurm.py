@@ -64,7 +64,7 @@ def test_sbatch_two_nodes_and_the_requeue_path(tmp_path):
         requeued, req_out = _submit(cluster, tmp_path, "requeued", p2)
 
         # the requeue path: USR1 to the batch shell once the job trains (step ≥ 3)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not any(m.get("step", 0) >= 3 for m in _metrics(req_out)):
             info = cluster.job(requeued)
             assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
@@ -76,11 +76,11 @@ def test_sbatch_two_nodes_and_the_requeue_path(tmp_path):
 
         done = lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",  # noqa: E731
                                                "NODE_FAIL", "OUT_OF_MEMORY")
-        info = cluster.wait(plain, done, timeout_s=150)
+        info = cluster.wait(plain, done, timeout_s=400)
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
             (info, _log(tmp_path, "plain")[-6000:])
         info = cluster.wait(requeued, lambda i: int(i.get("Restarts", 0)) >= 1 and done(i),
-                            timeout_s=150)
+                            timeout_s=400)
         log = _log(tmp_path, "requeued")
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-6000:])
 

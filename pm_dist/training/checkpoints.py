@@ -23,6 +23,7 @@ from pathlib import Path
 from pm_dist import __version__
 from pm_dist.checkpoint import CheckpointError, check_loaded, load_file, resolve, save_checkpoint
 from pm_dist.config_io import to_dict
+from pm_dist.distributed import first_failure
 from pm_dist.heads.base import ShardFiles
 from pm_dist.training.rng import rng_state, set_rng_state
 
@@ -58,7 +59,19 @@ class CheckpointManager:
         return path
 
     def load(self, ckpt: Path, meta: dict, engine, head, head_optimizer, head_scheduler) -> dict:
-        """Restore every part; returns this rank's extra state (empty at another world size)."""
+        """Collective: restore every part; returns this rank's extra state (empty at another world
+        size). When loading fails on any rank, every rank raises (none waits for it)."""
+        error, extra = None, {}
+        try:
+            extra = self._load(ckpt, meta, engine, head, head_optimizer, head_scheduler)
+        except Exception as err:  # noqa: BLE001 — the others must hear of it, whatever it is
+            error = str(err) if isinstance(err, CheckpointError) else f"{type(err).__name__}: {err}"
+        failed = first_failure(error)
+        if failed is not None:
+            raise CheckpointError(f"resume from {ckpt} failed on rank {failed[0]}: {failed[1]}")
+        return extra
+
+    def _load(self, ckpt: Path, meta: dict, engine, head, head_optimizer, head_scheduler) -> dict:
         if meta["head"] != self.cfg.head.name:
             raise CheckpointError(f"checkpoint {ckpt} holds a {meta['head']} head, the config asks "
                                   f"for {self.cfg.head.name}")
