@@ -39,9 +39,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# CPU-sized benchmarks, results under $(BENCH_OUT)/ (BENCH_ARGS=--full for head_scaling's sizes).
+BENCH_OUT ?= bench_out
+BENCH_ARGS ?=
+
 bench: $(STAMP)
-	$(PY) -m benchmarks.head_step --out head_step.json
-	$(PY) -m benchmarks.data_throughput --out data_throughput.json
+	@mkdir -p $(BENCH_OUT)
+	$(PY) -m benchmarks.head_scaling --out-dir $(BENCH_OUT) $(BENCH_ARGS)
+	$(PY) -m benchmarks.head_step --out $(BENCH_OUT)/head_step.json
+	$(PY) -m benchmarks.data_throughput --out $(BENCH_OUT)/data_throughput.json
+	$(PY) -m benchmarks.train_throughput --out $(BENCH_OUT)/train_throughput.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

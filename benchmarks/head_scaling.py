@@ -12,7 +12,10 @@ In the same processes, interleaved with the head steps (so machine noise hits bo
 bare matrix products that step cannot avoid at the same shapes: two for Prototype Memory (logits
 E·W_rᵀ and dE = dlogits·W_r; prototypes take no gradient), three plus the same SGD update for the
 learned heads (dW_r = dlogitsᵀ·E). Every row carries its ratio to that floor. The products write
-into buffers allocated once, so the floor is the arithmetic alone.
+into buffers allocated once, so the floor is the arithmetic alone. Three ratios per row: of the
+medians, of the best step to the best floor, and the median of the interleaved (step, floor)
+pairs; on a busy machine they differ, and the spread is the noise. A fourth uses CPU seconds
+(process time of the busiest rank), which other processes on a shared machine do not inflate.
 
 Prototype Memory starts full (every slot holds a class, as in a long run) and keeps its capacity M
 whatever N is; Full FC holds N/W columns per rank, Partial FC ``--sample-rate`` of them per step.
@@ -135,7 +138,7 @@ def run_case(args) -> None:
         emb, labels = batch(step)
         local = emb.requires_grad_(True)  # stands for the encoder's output
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         embeddings = gather_embeddings(local, sizes=sizes)
         out = head(embeddings, all_gather_rows(labels, sizes=sizes))
         out.loss.backward()
@@ -144,7 +147,7 @@ def run_case(args) -> None:
             optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     # the floor: the same products at the same shapes, into buffers allocated once
     g = torch.Generator().manual_seed(7 + rank)
@@ -160,7 +163,7 @@ def run_case(args) -> None:
 
     def floor_step():
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         torch.mm(fe, fw.t(), out=logits)
         torch.mm(logits, fw, out=grad_e)
         if learned:
@@ -168,22 +171,28 @@ def run_case(args) -> None:
             fopt.step()
         if cuda:
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     for s in range(args.warmup):
         head_step(s)
     head_peak = (torch.cuda.max_memory_allocated(device) if cuda else _rss_peak_bytes())
     for _ in range(args.warmup):
         floor_step()
-    heads, floors = [], []
+    heads, floors, heads_cpu, floors_cpu = [], [], [], []
     for s in range(args.repeats):  # interleaved
-        heads.append(head_step(args.warmup + s))
-        floors.append(floor_step())
+        wall, cpu = head_step(args.warmup + s)
+        heads.append(wall)
+        heads_cpu.append(cpu)
+        wall, cpu = floor_step()
+        floors.append(wall)
+        floors_cpu.append(cpu)
     # a step lasts as long as its slowest rank
-    t = torch.tensor(heads + floors + [float(head_peak), float(_rss_peak_bytes())],
-                     dtype=torch.float64)
+    t = torch.tensor(heads + floors + heads_cpu + floors_cpu
+                     + [float(head_peak), float(_rss_peak_bytes())], dtype=torch.float64)
     all_reduce_(t, dist.ReduceOp.MAX)
-    heads, floors = t[:args.repeats].tolist(), t[args.repeats:2 * args.repeats].tolist()
+    r = args.repeats
+    heads, floors = t[:r].tolist(), t[r:2 * r].tolist()
+    heads_cpu, floors_cpu = t[2 * r:3 * r].tolist(), t[3 * r:4 * r].tolist()
     if rank == 0:
         row = {
             "head": args.head, "world_size": world, "identities": n, "batch": b, "dim": d,
@@ -197,6 +206,14 @@ def run_case(args) -> None:
             "peak_kind": "max_memory_allocated" if cuda else "peak RSS",
         }
         row["ratio"] = row["step_s"] / row["floor_s"]
+        # robust to a busy machine: the best of each, and the median of the interleaved pairs
+        row["ratio_min"] = min(heads) / min(floors)
+        row["ratio_pairs"] = statistics.median(h / f for h, f in zip(heads, floors))
+        # CPU seconds of the busiest rank (process time: what other processes on the machine
+        # take does not count; waiting in a collective does not either)
+        row.update(step_cpu_all_s=heads_cpu, floor_cpu_all_s=floors_cpu,
+                   step_cpu_s=statistics.median(heads_cpu), floor_cpu_s=statistics.median(floors_cpu))
+        row["ratio_cpu"] = row["step_cpu_s"] / row["floor_cpu_s"]
         Path(args.result).write_text(json.dumps(row))
     dist.destroy_process_group()
 
@@ -256,19 +273,22 @@ def _si(x: float) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| head | W | N | columns/rank | s/step | floor s | × floor | peak memory/rank | "
-             "per-identity table/rank | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| head | W | N | columns/rank | s/step | floor s | × floor (medians) | × floor (best) | "
+             "× floor (pairs) | × floor (CPU s) | peak memory/rank | per-identity table/rank | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         table = r.get("head_state_bytes_rank0", {}).get("table")
         table = _si(table) if table is not None else "–"
         if r.get("skipped"):
             lines.append(f"| {LABELS[r['head']]} | {r['world_size']} | {r['identities']:.0e} | "
-                         f"{r['columns_per_rank']} | – | – | – | – | {table} | {r['skipped']} |")
+                         f"{r['columns_per_rank']} | – | – | – | – | – | – | – | {table} | "
+                         f"{r['skipped']} |")
             continue
         lines.append(f"| {LABELS[r['head']]} | {r['world_size']} | {r['identities']:.0e} | "
                      f"{r['columns_per_rank']} | {r['step_s']:.3f} | {r['floor_s']:.3f} | "
-                     f"**{r['ratio']:.2f}** | {_si(r['peak_memory_bytes'])} | {table} | "
+                     f"**{r['ratio']:.2f}** | {r.get('ratio_min', float('nan')):.2f} | "
+                     f"{r.get('ratio_pairs', float('nan')):.2f} | "
+                     f"{r.get('ratio_cpu', float('nan')):.2f} | {_si(r['peak_memory_bytes'])} | {table} | "
                      f"{r.get('label', '')} |")
     return "\n".join(lines)
 

@@ -4,10 +4,12 @@ The floor of a Prototype Memory step is two products: the logits E·Wᵀ [B, C] 
 gradient dlogits·W [B, D] (prototypes take no gradient). A learned head adds dlogitsᵀ·E [C, D].
 This script times, in one run and interleaved so machine noise hits both alike:
 
-* ``floor``: the products alone (plus a fresh [B, C] buffer, which any implementation needs),
+* ``floor``: the products alone (plus a fresh [B, C] buffer),
 * ``softmax``: ``sharded_margin_softmax`` forward + backward on the same tensors,
 
-and prints the ratio (DESIGN.md §3 target on CPU at B=512, D=512, C=131072: ≤ 1.3).
+and prints the ratio. This is the softmax alone, in one process: the whole head step as training
+runs it (gather, weight normalization, memory update, optimizer, two ranks sharing the machine)
+against its floor is ``benchmarks/head_scaling.py`` (docs/benchmarks.md).
 
     python -m benchmarks.head_step [--batch 512 --dim 512 --columns 131072 --repeats 5]
         [--device cuda --dtype bfloat16] [--learned] [--out head_step.json]

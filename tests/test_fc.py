@@ -139,3 +139,38 @@ def test_class_range_uneven_covers_all():
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         sizes = [e - s for s, e in ranges]
         assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("reuse_grad", [False, True])
+def test_normalize_rows_gradient_matches_autograd_normalize(reuse_grad):
+    """The closed-form backward (g − ŵ⟨g, ŵ⟩)/‖w‖ against autograd through F.normalize, float64,
+    with a row below eps (divided by eps, no projection) and an all-zero row."""
+    from pm_dist.heads.fc import normalize_rows
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    w[3] *= 1e-14
+    w[4] = 0.0
+    upstream = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    a = w.clone().requires_grad_(True)
+    F.normalize(a).backward(upstream)
+    b = w.clone().requires_grad_(True)
+    out = normalize_rows(b, reuse_grad=reuse_grad)
+    assert torch.equal(out, F.normalize(w))
+    out.backward(upstream.clone())
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_normalize_rows_float32_reuses_its_buffer_between_steps():
+    """Two steps in a row through the CPU workspace give the autograd gradients each time."""
+    from pm_dist.heads.fc import normalize_rows
+
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        w = torch.randn(64, 16, generator=g)
+        upstream = torch.randn(64, 16, generator=g)
+        a = w.clone().requires_grad_(True)
+        F.normalize(a).backward(upstream)
+        b = w.clone().requires_grad_(True)
+        normalize_rows(b, reuse_grad=True).backward(upstream.clone())
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)

@@ -369,3 +369,26 @@ def test_two_all_reduces_unless_hardest_ids_are_asked_for(dist_pool, hardest_ids
             assert (head["cos"] is None) == (not hardest_ids), name
             if hardest_ids:
                 assert head["cos"].shape == (12,) and head["hardest"].shape == (12,)
+
+
+def test_reused_cpu_buffer_two_live_graphs():
+    """The [N, C] buffer kept between steps: two graphs alive at once never share it, and
+    backpropagating them in either order gives each its own gradients."""
+    emb, weight, labels, _ = make_problem(9, 12, 10, 16)
+
+    def run():
+        e = emb.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        return e, w, sharded_margin_softmax(e, w, labels, Margin())
+
+    e0, w0, r0 = run()
+    r0.loss.backward()
+    want = (e0.grad.clone(), w0.grad.clone())
+    graphs = [run(), run()]
+    for e, w, r in reversed(graphs):
+        r.loss.backward()
+    for e, w, _ in graphs:
+        assert torch.equal(e.grad, want[0]) and torch.equal(w.grad, want[1])
+    with torch.no_grad():
+        assert sharded_margin_softmax(emb, weight, labels, Margin()).loss.item() \
+            == pytest.approx(r0.loss.item(), rel=1e-7)

@@ -24,7 +24,7 @@ from torch import nn
 from pm_dist.distributed import get_rank, get_world_size
 from pm_dist.heads.base import Head, HeadOutput, ShardFiles, check_labels, class_range
 from pm_dist.heads.margin import Margin
-from pm_dist.heads.softmax import sharded_margin_softmax
+from pm_dist.heads.softmax import WORKSPACE, sharded_margin_softmax
 
 
 @dataclass
@@ -71,7 +71,7 @@ class FullFC(Head):
         local_target = torch.where((labels >= self.start) & (labels < self.end),
                                    labels - self.start, torch.full_like(labels, -1))
         weight, column_ids, local_target = self._columns(labels, local_target)
-        res = sharded_margin_softmax(F.normalize(embeddings.float()), F.normalize(weight),
+        res = sharded_margin_softmax(F.normalize(embeddings.float()), normalize_rows(weight, reuse_grad=True),
                                      local_target, self.margin, column_ids=column_ids,
                                      group=self.group, hardest_ids=self.report_hardest)
         return HeadOutput(res.loss, res.accuracy, res.hardest_id,
@@ -161,6 +161,51 @@ class PartialFC(FullFC):
 
     def set_extra_state(self, state):
         self.step = int(state["step"])
+
+
+class _NormalizeRows(torch.autograd.Function):
+    """``F.normalize(w, dim=1)`` with its backward in closed form, one pass over [C, D]:
+
+        d/dw (w / ‖w‖) applied to g = (g − ŵ·⟨g, ŵ⟩) / ‖w‖
+
+    where autograd through ``F.normalize`` runs a dozen elementwise kernels over the whole weight
+    (div, mul, neg, sum, expand…). Rows whose norm is below ``eps`` are divided by ``eps`` as
+    ``F.normalize`` does, and get g / eps (the clamp has no derivative there)."""
+
+    @staticmethod
+    def forward(ctx, w, eps: float, reuse_grad: bool):
+        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(eps)
+        if reuse_grad and w.device.type == "cpu" and w.dtype == torch.float32:
+            # the heads' own use: the [C, D] result lives in a buffer kept between steps
+            w_hat = torch.div(w, norm, out=WORKSPACE.take("normalized weight", w.shape, w.device))
+        else:
+            w_hat = w / norm
+        ctx.save_for_backward(w_hat, norm)
+        ctx.eps, ctx.reuse_grad = eps, reuse_grad
+        return w_hat
+
+    @staticmethod
+    def backward(ctx, g):
+        w_hat, norm = ctx.saved_tensors
+        c, d = w_hat.shape
+        # ⟨g_i, ŵ_i⟩ as a batched [1, D]·[D, 1] product: no [C, D] temporary
+        dot = torch.bmm(g.reshape(c, 1, d), w_hat.reshape(c, d, 1)).reshape(c, 1)
+        dot.masked_fill_(norm <= ctx.eps, 0.0)  # clamped rows: w / eps, no projection
+        if ctx.reuse_grad and g.is_contiguous():
+            grad = g.addcmul_(w_hat, dot, value=-1.0)  # the caller's gradient is ours to reuse
+            WORKSPACE.give("normalized weight", w_hat)
+        else:
+            grad = torch.addcmul(g, w_hat, dot, value=-1.0)
+        return grad.div_(norm), None, None
+
+
+def normalize_rows(w: torch.Tensor, eps: float = 1e-12, *, reuse_grad: bool = False) -> torch.Tensor:
+    """Rows of ``w`` scaled to unit L2 norm (``F.normalize(w, dim=1, eps=eps)``), differentiable
+    with a closed-form backward (``_NormalizeRows``). ``reuse_grad=True`` lets the backward write
+    into the incoming gradient instead of a new [C, D] tensor: only for a result whose sole
+    consumer hands it a gradient nothing else reads (the heads' softmax); on CPU the result then
+    lives in a buffer reused from step to step (``softmax.WORKSPACE``), valid until the backward."""
+    return _NormalizeRows.apply(w, eps, reuse_grad)
 
 
 def _mix(*values: int) -> int:
