@@ -93,16 +93,23 @@ class TrainingLog:
     """``<run>/training.log``: every line rank 0 writes to stdout or stderr while it is open (the
     plain text, no colours), appended across resumed sessions. Does nothing when not ``enabled``."""
 
+    _open: "TrainingLog | None" = None  # the one installed on sys.stdout/stderr
+
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled, self.path = enabled, Path(run_dir) / "training.log"
+        self._file = None
         if not enabled:
             return
+        if TrainingLog._open is not None:  # a run of this process that failed before closing it
+            TrainingLog._open.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = _PlainLines(open(self.path, "a", encoding="utf-8"))
         self._file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
         self._saved = sys.stdout, sys.stderr
         self.terminal = sys.stdout  # the real console, for a progress bar kept out of the file
-        sys.stdout, sys.stderr = _Tee(sys.stdout, self._file), _Tee(sys.stderr, self._file)
+        self._tees = _Tee(sys.stdout, self._file), _Tee(sys.stderr, self._file)
+        sys.stdout, sys.stderr = self._tees
+        TrainingLog._open = self
 
     def write(self, line: str) -> None:
         """A line for the file only (what the progress bar's console shows)."""
@@ -113,9 +120,14 @@ class TrainingLog:
         if not self.enabled or self._file is None:
             return
         sys.stdout.flush()
-        sys.stdout, sys.stderr = self._saved
+        if sys.stdout is self._tees[0]:  # else someone replaced it since: leave theirs alone
+            sys.stdout = self._saved[0]
+        if sys.stderr is self._tees[1]:
+            sys.stderr = self._saved[1]
         self._file.close()
         self._file = None
+        if TrainingLog._open is self:
+            TrainingLog._open = None
 
 
 def append_to_log(run_dir: Path, text: str) -> None:
