@@ -17,6 +17,7 @@ from pm_dist.config_io import ConfigError, apply_overrides, from_dict, load_yaml
 from pm_dist.data.config import DataConfig
 from pm_dist.heads import HEADS, HeadSpec, head_spec
 from pm_dist.heads.margin import build_margin
+from pm_dist.mining import MiningConfig
 from pm_dist.suggest import did_you_mean
 
 
@@ -272,6 +273,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     eval: EvalSection = field(default_factory=EvalSection)
     dist: DistSection = field(default_factory=DistSection)
+    mining: MiningConfig = field(default_factory=MiningConfig)  # doppelganger mining (docs/mining.md)
 
     def validate(self):
         accum = self.batch.grad_accum
@@ -284,6 +286,8 @@ class RunConfig:
                            ("eval.image_size", self.eval.image_size)):
             if size is not None and size % 16:
                 raise ValueError(f"{name}={size}: the encoders need a multiple of 16")
+        self.mining.check_lookahead(self.data.num_workers * self.data.prefetch_factor
+                                    if self.data.num_workers else 0)
 
     def preflight(self, world_size: int) -> None:
         """What depends on this machine and the number of ranks, checked before any process group
@@ -310,6 +314,9 @@ class RunConfig:
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The embedded default, updated by the YAML file at ``path``, then by the overrides."""
     data = load_yaml(path) if path else {}
+    if isinstance(data.get("data"), dict) and "proposal_fraction" in data["data"]:
+        raise ConfigError("data.proposal_fraction was removed: the share of mined identities is "
+                          "mining.fraction, used when mining.enabled is true (docs/mining.md)")
     data = apply_overrides(data, list(overrides or []), RunConfig)
     return from_dict(RunConfig, data)
 

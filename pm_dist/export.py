@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import atomic_path
 from .models import EncoderFileError
 from .models.encoder_file import atomic_torch_save
 
@@ -66,12 +67,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, opse
     import onnx  # optional dependency (extras "onnx"); imported here so training never needs it
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     device = next(model.parameters()).device
     # Batch 2, not 1: tracing must not specialise on a size-1 batch.
     dummy = torch.zeros(2, 3, image_size, image_size, device=device)
-    try:
+    with atomic_path(path) as tmp:
         with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
@@ -85,9 +84,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, opse
             entry.key, entry.value = str(key), str(value)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pm_dist.checkpoint import CheckpointError
 from pm_dist.config import RunConfig, load_config
 from pm_dist.config_io import ConfigError
 from pm_dist.distributed import DistEnv, average_buffers, init_distributed
@@ -26,7 +27,9 @@ from pm_dist.engine import initialize_encoder
 from pm_dist.heads import HeadContext, build_head
 from pm_dist.config_io import to_dict
 from pm_dist.metrics import MetricsLogger, TrainingLog, append_to_log
+from pm_dist.mining import attach as attach_miner
 from pm_dist.plugins import PluginError, load_plugins
+from pm_dist.preemption import EXIT_PREEMPTED, Stopper
 from pm_dist.training.checkpoints import CheckpointManager
 from pm_dist.training.optim import (build_optimizer, build_scheduler, describe_resolution,
                                     resolve_epochs)
@@ -39,7 +42,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m pm_dist.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML run config (default: the embedded CPU demo)")
     p.add_argument("--resume", default="none",
-                   help="'none', 'auto' (newest valid checkpoint of the run), or a checkpoint dir")
+                   help="'none', 'auto' (newest valid checkpoint of the run), 'auto-or-fresh' "
+                        "(as auto, but step 0 when no checkpoint verifies), or a checkpoint dir")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (it registers your heads or evaluation suites)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.steps=100")
@@ -71,6 +75,9 @@ class Trainer:
                                          cfg.batch.images_per_class, env.rank, env.world_size,
                                          start_step=meta["step"] if meta else 0)
         self.num_classes = self.loader.dataset.num_classes
+        if self.loader.sampler.num_ineligible:
+            self._log_main(f"data: {self.loader.sampler.num_ineligible} of {self.num_classes} "
+                           "identities have fewer than 2 images and are never batch identities")
         self.dataset_images = dataset_images(self.loader.dataset, needed=cfg.run.epochs is not None
                                              or cfg.optim.warmup_epochs is not None)
         self.schedule = resolve_epochs(cfg, self.dataset_images)  # run.epochs → run.steps
@@ -94,6 +101,7 @@ class Trainer:
             lr_source=self.optimizer, precision=cfg.deepspeed.effective_precision,
             grad_accum=cfg.batch.grad_accum, device=self.device, note=self.metrics.note,
             image_shape=(3, cfg.data.image_size, cfg.data.image_size))
+        self.miner = attach_miner(cfg.mining, self.loader, self.head, self.train_step)  # None: off
         if ckpt is not None:
             self._resume(ckpt, meta)
         if env.is_main:
@@ -134,14 +142,25 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         last_eval: list[dict] = []
+        stopper, saved_step, preempted = Stopper(), self.step, None
         try:
             tick = time.perf_counter()
             for images, labels in self.loader:
                 if self.step >= cfg.run.steps:
                     break
+                # Collective: every rank stops after the same step, at an accumulation boundary
+                # (a checkpoint inside a window would not resume exactly).
+                if self.step % cfg.batch.grad_accum == 0 and stopper.should_stop():
+                    preempted = stopper.reason or "another rank was asked to stop"
+                    self._log_main(f"stopping at step {self.step}: {preempted}")
+                    if self.step != saved_step:
+                        self.save()
+                    break
                 self.engine.train()
                 self.train_step.step = self.step
                 m = self.train_step(images, labels)
+                if self.miner is not None:
+                    m.update(self.miner.end_step(self.step, m))
                 self.step += 1
                 now = time.perf_counter()
                 m["images_per_s"] = cfg.batch.global_batch / max(now - tick, 1e-9)
@@ -151,18 +170,22 @@ class Trainer:
                 self.metrics.log(self.step, m, console=self._due(cfg.run.log_every))
                 if self._due(cfg.run.checkpoint_every) and self.step < cfg.run.steps:
                     self.save()
+                    saved_step = self.step
                 if self._due(cfg.run.eval_every) and self.step < cfg.run.steps:
                     last_eval = self.evaluate()
                     tick = time.perf_counter()
-            self.save()
-            last_eval = self.evaluate()
-            self._sync_replicas()
-            if self.env.is_main:
-                export_encoder(self.engine.module, self.run_dir, cfg, self.metrics.note)
+            if preempted is None:
+                self.save()
+                last_eval = self.evaluate()
+                self._sync_replicas()
+                if self.env.is_main:
+                    export_encoder(self.engine.module, self.run_dir, cfg, self.metrics.note)
         finally:
+            stopper.close()
             self.loader.close()
             self.metrics.close()
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "eval": last_eval}
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "eval": last_eval,
+                "preempted": preempted}
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -193,7 +216,8 @@ class Trainer:
     def save(self) -> Path:
         self._sync_replicas()
         path = self.checkpoints.save(self.step, self.engine, self.head, self.head_optimizer,
-                                     self.head_scheduler, {"skipped_steps": self.skipped_steps})
+                                     self.head_scheduler, {"skipped_steps": self.skipped_steps,
+                                                           **self._mining_state()})
         self.metrics.note(f"checkpoint: {path}")
         return path
 
@@ -202,9 +226,23 @@ class Trainer:
         before anything reads or writes it as *the* encoder: evaluation, checkpoint, export."""
         average_buffers(self.engine.module)
 
+    def _mining_state(self) -> dict:
+        """The doppelganger table is replicated: rank 0 saves it, every rank loads that copy."""
+        if self.miner is None or not self.env.is_main:
+            return {}
+        return {"mining": self.miner.state_dict()}
+
     def _resume(self, ckpt: Path, meta: dict) -> None:
         extra = self.checkpoints.load(ckpt, meta, self.engine, self.head, self.head_optimizer,
                                       self.head_scheduler)
+        if self.miner is not None:
+            state = self.checkpoints.replicated_state(ckpt, meta, "mining")
+            if state is None:
+                self._log_main(f"resume: {ckpt} has no doppelganger table; mining starts empty "
+                               f"(batches differ from a run that mined from the start)")
+                self.miner.table.start_at(meta["step"])
+            else:
+                self.miner.load_state_dict(state)
         self.train_step.skipped_steps = extra.get("skipped_steps", 0)
         self.step = meta["step"]
         self._log_main(f"resumed from {ckpt} at step {self.step}")
@@ -224,8 +262,19 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_process_group=True)
-    trainer = Trainer(cfg, env, resume=args.resume)
-    result = trainer.fit()
+    try:
+        trainer = Trainer(cfg, env, resume=args.resume)
+        result = trainer.fit()
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    if result["preempted"]:
+        if env.is_main:
+            print(f"stopped at step {result['step']} ({result['preempted']}) with a checkpoint of "
+                  f"that step; exit {EXIT_PREEMPTED}: --resume auto continues", flush=True)
+        if env.backend is not None:
+            torch.distributed.destroy_process_group()
+        return EXIT_PREEMPTED
     if env.is_main:
         lines = [f"final {r['name']}: accuracy {r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
                  for r in result["eval"] if r.get("kind") == "verification"]

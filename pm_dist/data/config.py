@@ -19,7 +19,6 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes (0: load in the training process)
     prefetch_factor: int = 2  # batches each worker loads ahead
     sampling: str = "uniform"  # identities drawn "uniform"ly or proportionally to their image "count"
-    proposal_fraction: float = 0.5  # share of each batch's identities a proposer (miner) may choose
 
     # synthetic identities (source="synthetic")
     num_identities: int = 1000
@@ -63,8 +62,6 @@ class DataConfig:
             bad("prefetch_factor", "must be an integer >= 1")
         if self.sampling not in ("uniform", "count"):
             bad("sampling", 'must be "uniform" or "count"')
-        if not 0.0 <= self.proposal_fraction <= 1.0:
-            bad("proposal_fraction", "must be in [0, 1]")
         if not isinstance(self.num_identities, int) or self.num_identities < 1:
             bad("num_identities", "must be a positive integer")
         if not self.count_median > 0:

@@ -5,8 +5,11 @@ How the work is split, and why:
 * The **main process** turns a step into a plan (the rank's sample indices, labels and flips):
   the sampler is a pure function of (seed, step), and a proposer (a miner) lives in the training
   process, so plans must be made there. The DataLoader draws plans from an infinite sampler, which
-  it consumes a fixed number of batches ahead (``num_workers × prefetch_factor``): a proposer's
-  choice for step s is therefore made when batch s − that lag is handed out.
+  it consumes a fixed number of batches ahead (``lookahead`` = ``num_workers × prefetch_factor``,
+  0 without workers): the plan of step s is made when batch s − lookahead is handed out, i.e.
+  while step s − lookahead − 1 may be the last step trained. A proposer must therefore answer from
+  state that is final by then, whatever the timing: the doppelganger miner reads its table as of
+  step s − delay with delay ≥ lookahead (``pm_dist.mining``), so a plan never depends on timing.
 * **Workers** load, decode, flip and normalise one whole local batch per item. Flips are drawn from
   (seed, step) for the *global* batch and sliced like the samples, so a batch is bit-identical whatever
   the worker count, timing, or world size, and a resumed run continues exactly.
@@ -23,6 +26,7 @@ How the work is split, and why:
 from __future__ import annotations
 
 import logging
+import signal
 
 import numpy as np
 import torch
@@ -103,6 +107,10 @@ def _identity(item):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers decode; the training process owns the cores' BLAS threads
+    # A scheduler stopping the job signals every process: the training process saves at the next
+    # step (pm_dist.preemption) and needs its workers until then; they end with it.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _sync_active(world_size: int) -> bool:
@@ -148,6 +156,11 @@ class TrainLoader:
         )
         self._it = None
 
+    @property
+    def lookahead(self) -> int:
+        """How many steps ahead of the step being trained a plan may be made (see the module)."""
+        return self.cfg.num_workers * self.cfg.prefetch_factor if self.cfg.num_workers else 0
+
     def __iter__(self):
         return self
 
@@ -184,7 +197,7 @@ class TrainLoader:
 
 def build_train_loader(
     cfg: DataConfig, P: int, K: int, rank: int, world_size: int, start_step: int = 0,
-    *, proposer=None, sync_errors: bool | None = None,
+    *, proposer=None, proposal_fraction: float = 0.5, sync_errors: bool | None = None,
 ) -> TrainLoader:
     """The loader of rank ``rank`` of ``world_size`` for steps start_step, start_step+1, ….
 
@@ -197,7 +210,7 @@ def build_train_loader(
     try:
         dataset = build_dataset(cfg)
         sampler = PKSampler(dataset, P, K, world_size, rank, cfg.seed, weighting=cfg.sampling,
-                            proposer=proposer, proposal_fraction=cfg.proposal_fraction)
+                            proposer=proposer, proposal_fraction=proposal_fraction)
     except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
         exc = e
     if sync:

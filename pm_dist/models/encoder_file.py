@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pm_dist.files import atomic_path, fsync_dir
+
 from .registry import ALIASES, MODEL_NAMES, build_model, canonical_name
 
 ENCODER_FORMAT = "pm_dist.encoder"
@@ -114,32 +116,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     Readers see either the old file or the complete new one, never a partial write.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    fsync_dir(path.parent)
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_encoder(

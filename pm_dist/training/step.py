@@ -40,6 +40,7 @@ class TrainStep:
         self.grad_accum, self.image_shape = grad_accum, image_shape
         self.check_encoder_grads = not checks_own_overflow(engine)
         self.timer = timer  # benchmarks/train_throughput.py times the sections below
+        self.head_observer = None  # (embeddings, labels, HeadOutput) after the head: mining's hook
         self.skipped_steps = 0
         self.step = 0  # the trainer's step: where in its accumulation window this micro-step is
         self._window_dropped = False
@@ -71,6 +72,8 @@ class TrainStep:
             embeddings = gather_embeddings(local.float(), sizes=sizes)
             all_labels = all_gather_rows(labels, sizes=sizes)
             out = self.head(embeddings, all_labels)
+        if self.head_observer is not None:
+            self.head_observer(embeddings, all_labels, out)
 
         if any_rank(not bool(torch.isfinite(out.loss)), self.device):
             return self._skip(out, "non-finite loss", ran_backward=False)
