@@ -25,16 +25,30 @@ from pm_dist.suggest import did_you_mean
 class RunSection:
     out_dir: str = "runs/demo"
     seed: int = 0
-    steps: int = 400
+    steps: int | None = None  # training steps (micro-batches); null with run.epochs, else 400
+    # epochs over the dataset instead of steps: steps = epochs × (dataset images // global batch),
+    # resolved when the run starts (printed, and saved in config.yaml)
+    epochs: float | None = None
     log_every: int = 20
     eval_every: int = 0  # 0: evaluate at the end only
     checkpoint_every: int = 200  # 0: only at the end
     keep_checkpoints: int = 2
     export_onnx: bool = False
     progress: bool = True  # rich progress bar on rank 0 (off: plain log lines)
+    wandb: bool = False  # also log to Weights & Biases (pip install 'pm_dist[wandb]')
+    wandb_project: str = "pm_dist"  # W&B project (WANDB_PROJECT wins)
+
+    def __post_init__(self):
+        if self.steps is None and self.epochs is None:
+            self.steps = 400
 
     def validate(self):
-        if self.steps < 1:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"run.steps={self.steps} and run.epochs={self.epochs} are mutually "
+                             "exclusive: set one (e.g. run.steps=null run.epochs=20)")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
             raise ValueError(f"run.steps must be ≥ 1, got {self.steps}")
         for name in ("log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
@@ -159,16 +173,24 @@ class OptimSection:
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: Literal["poly", "cosine", "constant"] = "poly"
-    warmup_steps: int = 20
+    warmup_steps: int | None = None  # linear warm-up in optimizer steps (null: 20, or warmup_epochs)
+    warmup_epochs: float | None = None  # warm-up in epochs instead (resolved like run.epochs)
     power: float = 2.0  # poly: lr·(1 − progress)^power
     min_lr: float = 0.0
     grad_clip: float = 5.0  # encoder gradient norm clip (DeepSpeed gradient_clipping); 0: off
 
+    def __post_init__(self):
+        if self.warmup_steps is None and self.warmup_epochs is None:
+            self.warmup_steps = 20
+
     def validate(self):
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("optim.warmup_steps and optim.grad_clip must be ≥ 0")
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} and optim.warmup_epochs="
+                             f"{self.warmup_epochs} are mutually exclusive: set one")
+        if (self.warmup_steps or 0) < 0 or (self.warmup_epochs or 0) < 0 or self.grad_clip < 0:
+            raise ValueError("optim.warmup_steps, optim.warmup_epochs and optim.grad_clip must be ≥ 0")
 
 
 @dataclass
@@ -210,6 +232,10 @@ class EvalSection:
     batch_size: int = 256
     # more suites, by registered name: [{name: pairs, pairs: ijbc_pairs.txt, templates: ...}, ...]
     suites: list[dict] = field(default_factory=list)
+    # keep the encoder that scored best on this evaluation number ("<result name>/<key>", as in
+    # metrics.jsonl's eval/<result name>/<key>): best_encoder.pt and best.json in the run dir
+    best_metric: str | None = None
+    best_mode: Literal["higher", "lower"] = "higher"  # which way is better
 
     def validate(self):
         from pm_dist.eval.suites import parse_suite
@@ -219,6 +245,9 @@ class EvalSection:
                              "eval.synthetic_pairs ≥ 0")
         for i, entry in enumerate(self.suites):
             parse_suite(entry, f"eval.suites[{i}]")
+        if self.best_metric is not None and "/" not in self.best_metric:
+            raise ValueError(f"eval.best_metric={self.best_metric!r}: expected '<result name>/<key>', "
+                             "e.g. synthetic-pairs/accuracy or lfw/accuracy")
 
 
 @dataclass
@@ -248,7 +277,7 @@ class RunConfig:
 
     def validate(self):
         accum = self.batch.grad_accum
-        if self.run.steps % accum or self.run.checkpoint_every % accum:
+        if (self.run.steps or 0) % accum or self.run.checkpoint_every % accum:
             raise ValueError(f"run.steps and run.checkpoint_every must be multiples of "
                              f"batch.grad_accum={accum} (a checkpoint inside an accumulation "
                              "window could not resume it)")
@@ -273,6 +302,13 @@ class RunConfig:
                               "does not run on CPU): use bf16 or fp32")
         self.batch.per_rank(world_size)
         self.head.check(self.batch.classes_per_batch, world_size)
+        if self.run.wandb:
+            from pm_dist.metrics import check_wandb
+
+            try:
+                check_wandb()
+            except ImportError as err:
+                raise ConfigError(str(err)) from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -123,7 +123,7 @@ def _compare(model: nn.Module, path: str | os.PathLike, image_size: int, batch: 
     return diff, scale
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pm_dist.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", required=True, type=Path,
                         help="pm_dist encoder file, a bare state dict with --arch (insightface "
@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=112, help="for a bare state dict (default 112)")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL)
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from .checkpoint import CheckpointError
     from .models.loading import load_any_encoder

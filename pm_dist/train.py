@@ -25,13 +25,15 @@ from pm_dist.config_io import ConfigError
 from pm_dist.distributed import DistEnv, average_buffers, init_distributed
 from pm_dist.engine import initialize_encoder
 from pm_dist.heads import HeadContext, build_head
-from pm_dist.metrics import MetricsLogger
+from pm_dist.config_io import to_dict
+from pm_dist.metrics import MetricsLogger, TrainingLog, append_to_log
 from pm_dist.mining import attach as attach_miner
 from pm_dist.plugins import PluginError, load_plugins
 from pm_dist.preemption import EXIT_PREEMPTED, Stopper
 from pm_dist.training.checkpoints import CheckpointManager
-from pm_dist.training.optim import build_optimizer, build_scheduler
-from pm_dist.training.outputs import export_encoder, write_run_info
+from pm_dist.training.optim import (build_optimizer, build_scheduler, describe_resolution,
+                                    resolve_epochs)
+from pm_dist.training.outputs import BestModel, dataset_images, export_encoder, write_run_info
 from pm_dist.training.rng import seed_everything, seed_rank_streams
 from pm_dist.training.step import TrainStep
 
@@ -63,6 +65,8 @@ class Trainer:
         self.record_history = record_history
         self.history: list[dict] = []
         self.step = 0
+        # training.log: every console line of rank 0 from here on (closed with self.metrics)
+        self.training_log = TrainingLog(self.run_dir, enabled=env.is_main)
         seed_everything(cfg.run.seed)  # same on every rank: the encoders start identical
 
         self.checkpoints = CheckpointManager(cfg, env, log=self._log_main)
@@ -74,6 +78,11 @@ class Trainer:
         if self.loader.sampler.num_ineligible:
             self._log_main(f"data: {self.loader.sampler.num_ineligible} of {self.num_classes} "
                            "identities have fewer than 2 images and are never batch identities")
+        self.dataset_images = dataset_images(self.loader.dataset, needed=cfg.run.epochs is not None
+                                             or cfg.optim.warmup_epochs is not None)
+        self.schedule = resolve_epochs(cfg, self.dataset_images)  # run.epochs → run.steps
+        if self.schedule is not None:
+            self._log_main(describe_resolution(self.schedule))
         model = build_model(cfg.model.name, cfg.model.embedding_size, cfg.data.image_size,
                             cfg.model.dropout)
         self._init_from(model, ckpt)  # before initialize: DeepSpeed broadcasts rank 0's weights
@@ -81,7 +90,12 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = initialize_encoder(model, cfg, env.world_size)
         self.head, self.head_optimizer, self.head_scheduler = self._build_head()
         self.metrics = MetricsLogger(self.run_dir, enabled=env.is_main, progress=cfg.run.progress,
-                                     total_steps=cfg.run.steps, start_step=meta["step"] if meta else 0)
+                                     total_steps=cfg.run.steps, start_step=meta["step"] if meta else 0,
+                                     images_per_step=cfg.batch.global_batch,
+                                     dataset_images=self.dataset_images, log_file=self.training_log,
+                                     wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
+                                     config=to_dict(cfg))
+        self.best = BestModel(self.run_dir, cfg, self.metrics.note, enabled=env.is_main)
         self.train_step = TrainStep(
             self.engine, self.head, self.head_optimizer, self.head_scheduler,
             lr_source=self.optimizer, precision=cfg.deepspeed.effective_precision,
@@ -91,7 +105,7 @@ class Trainer:
         if ckpt is not None:
             self._resume(ckpt, meta)
         if env.is_main:
-            write_run_info(self.run_dir, cfg, env, self.num_classes)
+            write_run_info(self.run_dir, cfg, env, self.num_classes, self.schedule)
 
     def _init_from(self, model, ckpt) -> None:
         """``model.init_from``: start the encoder from trained weights (the head starts fresh)."""
@@ -195,6 +209,7 @@ class Trainer:
         if results:
             write_report(results, self.run_dir / "eval", step=self.step)
             self.metrics.log_eval(self.step, results)
+            self.best.update(self.step, results, model)  # eval.best_metric: best_encoder.pt
         return results
 
     # ------------------------------------------------------------------ checkpoints
@@ -262,10 +277,12 @@ def main(argv=None) -> int:
             torch.distributed.destroy_process_group()
         return EXIT_PREEMPTED
     if env.is_main:
-        for r in result["eval"]:
-            if r.get("kind") == "verification":
-                print(f"final {r['name']}: accuracy {r['accuracy']:.4f} ± {r['accuracy_std']:.4f}")
-        print(f"outputs: {trainer.run_dir.resolve()}")
+        lines = [f"final {r['name']}: accuracy {r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
+                 for r in result["eval"] if r.get("kind") == "verification"]
+        lines.append(f"outputs: {trainer.run_dir.resolve()}")
+        for line in lines:
+            print(line)
+            append_to_log(trainer.run_dir, line)  # training.log closed with the run
     if env.backend is not None:
         torch.distributed.destroy_process_group()
     return 0

@@ -73,8 +73,12 @@ def _describe(problems: list[str], limit: int = 5) -> str:
     return "; ".join(problems[:limit]) + more
 
 
-def save_encoder(path: str | os.PathLike, model: nn.Module, arch: str, embedding_size: int, image_size: int) -> Path:
+def save_encoder(path: str | os.PathLike, model: nn.Module, arch: str, embedding_size: int, image_size: int,
+                 extra: dict | None = None) -> Path:
     """Write ``model``'s weights and architecture to ``path`` atomically; returns the path.
+
+    ``extra``: more metadata (plain values: str, int, float, bool), stored beside the fields and
+    returned in ``load_encoder``'s meta (e.g. ``step``, ``metric``, ``value`` of a best encoder).
 
     The state dict is checked against a fresh ``build_model(arch, ...)`` (on the meta device,
     so this costs no memory) before anything is written: a file that would not load back —
@@ -99,6 +103,10 @@ def save_encoder(path: str | os.PathLike, model: nn.Module, arch: str, embedding
         "image_size": image_size,
         "state_dict": state,
     }
+    for key, value in (extra or {}).items():
+        if key in payload or not isinstance(value, (str, int, float, bool)):
+            raise EncoderFileError(path, f"extra metadata {key!r} must be a new key with a plain value")
+        payload[key] = value
     return atomic_torch_save(payload, path)
 
 
@@ -155,7 +163,7 @@ def load_encoder(
         if obj.get("version") != ENCODER_VERSION:
             raise EncoderFileError(path, f"encoder file version {obj.get('version')!r}; this pm_dist reads "
                                          f"version {ENCODER_VERSION}")
-        meta = {k: obj.get(k) for k in ("format", "version", "arch", "embedding_size", "image_size")}
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}  # extra metadata included
         _check_fields(path, meta["arch"], meta["embedding_size"], meta["image_size"])
         if arch is not None and arch != meta["arch"]:
             raise EncoderFileError(path, f"holds a {meta['arch']} encoder, not {arch}")

@@ -1,0 +1,160 @@
+"""What a run shows and keeps for its user: training.log (every console line, with epoch and ETA on
+plain lines), the optional Weights & Biases logger, run.epochs / optim.warmup_epochs resolved to
+steps, and the best encoder by a chosen evaluation number."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import os
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pm_dist.config import load_config
+from pm_dist.config_io import ConfigError
+from pm_dist.distributed import init_distributed
+from pm_dist.metrics import MetricsLogger, TrainingLog, format_duration
+from pm_dist.models import load_encoder
+from pm_dist.train import Trainer
+from pm_dist.training.optim import resolve_epochs
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = [
+    "data.num_workers=0", "data.image_size=16", "data.num_identities=30",
+    "data.heldout_identities=40", "data.count_median=4", "model.embedding_size=32",
+    "batch.classes_per_batch=8", "batch.images_per_class=2", "head.memory.capacity=32",
+    "run.checkpoint_every=0", "eval.synthetic_pairs=40", "eval.identification_identities=20",
+]
+
+
+def _fake_wandb(calls: list):
+    """A stand-in ``wandb`` module recording what pm_dist asks of it."""
+    mod = types.ModuleType("wandb")
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", dict(values), step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+
+    mod.init = init
+    return mod
+
+
+def _run_with_fake_wandb(out_dir, overrides):
+    calls: list = []
+    os.environ["WANDB_MODE"] = "offline"  # this rank's process: honoured by pm_dist's logger
+    saved = sys.modules.get("wandb")
+    sys.modules["wandb"] = _fake_wandb(calls)
+    try:
+        cfg = load_config(None, BASE + [f"run.out_dir={out_dir}"] + overrides)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            trainer = Trainer(cfg, init_distributed())
+            result = trainer.fit()
+    finally:
+        if saved is None:
+            del sys.modules["wandb"]
+        else:
+            sys.modules["wandb"] = saved
+    evals = [r["headline"] for r in result["eval"]]
+    return {"stdout": out.getvalue(), "calls": calls, "dataset_images": trainer.dataset_images,
+            "steps": cfg.run.steps, "warmup": cfg.optim.warmup_steps, "last_eval": evals}
+
+
+def test_epochs_log_wandb_and_best_model(dist_pool, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    [r] = dist_pool(1).run(_run_with_fake_wandb, str(run), [
+        "run.steps=null", "run.epochs=0.5", "optim.warmup_steps=null", "optim.warmup_epochs=0.25",
+        "run.progress=false", "run.log_every=2", "run.eval_every=2", "run.wandb=true",
+        "eval.best_metric=synthetic-pairs/accuracy"])
+    per_epoch = r["dataset_images"] // 16
+    assert r["steps"] == int(0.5 * per_epoch) and r["warmup"] == int(0.25 * per_epoch)
+    # the resolved steps: printed, in config.yaml (loadable again) and environment.json
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["run"]["steps"] == r["steps"] and saved["run"]["epochs"] is None
+    assert saved["optim"]["warmup_steps"] == r["warmup"]
+    assert load_config(str(run / "config.yaml")).run.steps == r["steps"]
+    schedule = json.loads((run / "environment.json").read_text())["schedule"]
+    assert schedule["steps_per_epoch"] == per_epoch and schedule["epochs"] == 0.5
+    # training.log: every console line, plain lines with epoch and ETA
+    log = (run / "training.log").read_text()
+    assert f"run.epochs=0.5 → run.steps={r['steps']}" in log
+    assert f"step 2/{r['steps']}  epoch {2 * 16 / r['dataset_images']:.2f}  loss" in log
+    assert "eta 00:00:" in log and "checkpoint:" in log and "encoder:" in log
+    assert "synthetic-pairs" in log and "\x1b[" not in log
+    for line in r["stdout"].splitlines():
+        assert line.rstrip() in log
+    # W&B: offline mode honoured, every step and the evaluations logged, finished
+    init = [c for c in r["calls"] if c[0] == "init"][0][1]
+    assert init["mode"] == "offline" and init["config"]["run"]["steps"] == r["steps"]
+    logged = [c for c in r["calls"] if c[0] == "log"]
+    assert {c[2] for c in logged if "train/loss" in c[1]} == set(range(1, r["steps"] + 1))
+    assert any("eval/synthetic-pairs/accuracy" in c[1] for c in logged)
+    assert r["calls"][-1] == ("finish",)
+    # the best encoder: the highest evaluated accuracy, its step and value in the file and best.json
+    accs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    accs = {a["step"]: a["eval/synthetic-pairs/accuracy"] for a in accs
+            if "eval/synthetic-pairs/accuracy" in a}
+    best_step = max(accs, key=lambda s: (accs[s], -s))
+    best = json.loads((run / "best.json").read_text())
+    assert best["step"] == best_step and best["value"] == pytest.approx(accs[best_step])
+    _, meta = load_encoder(run / "best_encoder.pt")
+    assert (meta["step"], meta["metric"]) == (best_step, "synthetic-pairs/accuracy")
+    assert meta["value"] == pytest.approx(best["value"])
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def test_epochs_resolution_rules():
+    cfg = load_config(None, ["run.epochs=3", "batch.grad_accum=4", "optim.warmup_steps=null",
+                             "optim.warmup_epochs=1", "batch.classes_per_batch=64"])
+    info = resolve_epochs(cfg, 10_000)  # global batch 128: 78 steps per epoch
+    assert info["steps_per_epoch"] == 78 and cfg.run.steps == 232  # 234 → a multiple of 4
+    assert cfg.optim.warmup_steps == 19  # optimizer steps: 78 micro-batches // 4
+    for world in (1, 2, 4):  # the global batch is P·K whatever the world size
+        cfg.preflight(world)
+    with pytest.raises(ConfigError, match="mutually exclusive"):
+        load_config(str(ROOT / "configs" / "cpu_demo.yaml"), ["run.epochs=2"])
+    with pytest.raises(ConfigError, match="mutually exclusive"):
+        load_config(None, ["optim.warmup_steps=5", "optim.warmup_epochs=1"])
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        resolve_epochs(load_config(None, ["run.steps=null", "run.epochs=1"]), 100)
+
+
+def test_wandb_missing_is_a_clear_config_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match=r"pip install 'pm_dist\[wandb\]'"):
+        load_config(None, ["run.wandb=true"]).preflight(1)
+
+
+def test_wandb_resumed_run_keeps_its_id(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(calls))
+    for _ in range(2):
+        MetricsLogger(tmp_path, True, False, 10, wandb=True).close()
+    ids = [c[1]["id"] for c in calls if c[0] == "init"]
+    assert len(ids) == 2 and ids[0] == ids[1] and calls[0][1]["mode"] == "offline"
+
+
+def test_training_log_tees_and_strips_colour(tmp_path, capsys):
+    log = TrainingLog(tmp_path, enabled=True)
+    print("plain line")
+    print("\x1b[1mbold\x1b[0m", file=sys.stderr)
+    log.close()
+    print("after close")
+    text = (tmp_path / "training.log").read_text()
+    assert "plain line\n" in text and "bold\n" in text and "after close" not in text
+    assert format_duration(90061) == "1d 01:01:01"
