@@ -282,7 +282,11 @@ class DoppelgangerMiner:
     # -- the training step's side -------------------------------------------------------------
     def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, out) -> None:
         """Called by the training step right after the head's forward (global batch, every rank)."""
-        if out.hardest_class is None or getattr(out, "hardest_cos", None) is None:
+        if out.hardest_class is None:
+            raise RuntimeError("doppelganger mining needs each row's hardest non-target: the head "
+                               "returned HeadOutput.hardest_class = None although report_hardest "
+                               "is set (a head of your own must honour it; docs/extending.md)")
+        if getattr(out, "hardest_cos", None) is None:  # e.g. a skipped memory step
             self._observed = (embeddings.detach(), labels, None, None)
             return
         self._observed = (embeddings.detach(), labels, out.hardest_class, out.hardest_cos)

@@ -251,6 +251,13 @@ def test_metrics_of_a_step():
     assert m["mining/entries"] == pytest.approx(0.4)
 
 
+def test_a_head_that_does_not_report_is_named():
+    miner = DoppelgangerMiner(MiningConfig(enabled=True, delay=0), 10)
+    with pytest.raises(RuntimeError, match="hardest_class = None"):
+        miner.observe(torch.zeros(2, 2), torch.tensor([0, 1]),
+                      SimpleNamespace(hardest_class=None, hardest_cos=None))
+
+
 def test_planted_recovery_counts_twins():
     t = DoppelgangerTable(6)
     t.update(0, [0, 1, 2], [1, 4, 3], [0.5, 0.5, 0.5])
