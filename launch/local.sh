@@ -31,6 +31,10 @@ if ! command -v "$TORCHRUN" >/dev/null 2>&1; then
     exit 2
 fi
 
+# A group that torchrun restarts (--max-restarts) must not read its predecessor's addresses from
+# a rendezvous store shared across restarts (pytorch/pytorch#135712): give each its own store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+
 # pm_dist importable without `pip install -e .`; config paths stay relative to the caller's directory.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 

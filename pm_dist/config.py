@@ -72,18 +72,24 @@ class BatchSection:
 
 @dataclass
 class ModelSection:
-    name: str = "tiny"
+    name: str = "tiny"  # or insightface's r18, r34, r50, r100, mbf
     embedding_size: int = 128
     dropout: float = 0.0
+    # start from trained weights: a pm_dist encoder file, an insightface backbone.pth or a
+    # checkpoint directory (the head starts fresh; ignored when the run resumes)
+    init_from: str | None = None
 
     def validate(self):
-        from pm_dist.models import MODEL_NAMES
+        from pm_dist.models import canonical_name
 
-        if self.name not in MODEL_NAMES:
-            raise ValueError(f"model.name {self.name!r} is not one of {', '.join(MODEL_NAMES)}"
-                             f"{did_you_mean(self.name, MODEL_NAMES)}")
+        try:  # insightface's r50, mbf, ... become iresnet50, mobilefacenet, ...
+            self.name = canonical_name(self.name)
+        except ValueError as err:
+            raise ValueError(f"model.name: {err}") from None
         if self.embedding_size < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("model.embedding_size must be ≥ 1 and model.dropout in [0, 1)")
+        if self.init_from == "":
+            self.init_from = None
 
 
 @dataclass
@@ -260,6 +266,8 @@ class RunConfig:
         for path in self.eval.bin_files:
             if not os.path.isfile(path):
                 raise ConfigError(f"eval.bin_files: {path} does not exist")
+        if self.model.init_from and not os.path.exists(self.model.init_from):
+            raise ConfigError(f"model.init_from: {self.model.init_from} does not exist")
         if self.deepspeed.effective_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("deepspeed.precision=fp16 needs CUDA (DeepSpeed's fp16 loss scaling "
                               "does not run on CPU): use bf16 or fp32")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint import CheckpointError
 from .config_io import ConfigError, parse_override
 from .distributed import init_distributed, is_distributed
 from .eval.binfile import BinFormatError
@@ -56,8 +57,10 @@ def eval_context(cfg, device) -> EvalContext:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pm_dist.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
-                   help="pm_dist encoder file, insightface backbone.pth (with --arch), or .onnx")
-    p.add_argument("--arch", help="architecture of a bare state dict (insightface backbone.pth)")
+                   help="pm_dist encoder file, insightface backbone.pth (with --arch), .onnx, or a "
+                        "checkpoint directory (step_N/, or a run's checkpoints/: the newest)")
+    p.add_argument("--arch", help="architecture of a bare state dict (insightface backbone.pth); "
+                                  "insightface names r18, r34, r50, r100, mbf accepted")
     p.add_argument("--embedding-size", type=int, default=512, help="for a bare state dict (default 512)")
     p.add_argument("--image-size", type=int, help="input size; read from the model file when it says")
     p.add_argument("--bin", nargs="+", default=[], metavar="FILE", help="insightface .bin verification sets")
@@ -123,7 +126,7 @@ def _load_run_config(path: str):
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Every requested evaluation, in order; the same list on every rank."""
-    from .eval.loading import load_model
+    from .models.loading import load_model
 
     load_plugins(args.plugin)
     env = init_distributed()
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(args)
     except (BinFormatError, ListFormatError, ImageDecodeError, EmbeddingError, FileNotFoundError,
-            ConfigError, PluginError, ValueError) as exc:  # bad input: one clear line, not a traceback
+            ConfigError, PluginError, ValueError, CheckpointError) as exc:  # bad input: one clear line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_report(results, args.out)

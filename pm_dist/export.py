@@ -1,6 +1,7 @@
 """Export a trained encoder for deployment: a plain state dict and a verified ONNX model.
 
     python -m pm_dist.export --encoder runs/x/encoder.pt --out exported/ [--opset 17]
+    python -m pm_dist.export --encoder runs/x/checkpoints --out exported/   # newest checkpoint
 
 writes ``exported/backbone.pth`` (a bare state dict with insightface key names for IResNet
 and MobileFaceNet, so insightface tooling loads it) and ``exported/encoder.onnx`` (input
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import EncoderFileError, load_encoder
+from .files import atomic_path
+from .models import EncoderFileError
 from .models.encoder_file import atomic_torch_save
 
 DEFAULT_OPSET = 17
@@ -65,12 +67,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, opse
     import onnx  # optional dependency (extras "onnx"); imported here so training never needs it
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     device = next(model.parameters()).device
     # Batch 2, not 1: tracing must not specialise on a size-1 batch.
     dummy = torch.zeros(2, 3, image_size, image_size, device=device)
-    try:
+    with atomic_path(path) as tmp:
         with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
@@ -84,9 +84,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int, opse
             entry.key, entry.value = str(key), str(value)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -128,20 +125,27 @@ def _compare(model: nn.Module, path: str | os.PathLike, image_size: int, batch: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pm_dist.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoder", required=True, type=Path, help="pm_dist encoder file (or a bare state dict with --arch)")
+    parser.add_argument("--encoder", required=True, type=Path,
+                        help="pm_dist encoder file, a bare state dict with --arch (insightface "
+                             "backbone.pth), or a checkpoint directory (step_N/, or a run's "
+                             "checkpoints/: the newest)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--arch", help="architecture of a bare state dict (e.g. insightface backbone.pth)")
+    parser.add_argument("--arch", help="architecture of a bare state dict (e.g. insightface backbone.pth); "
+                                       "insightface names r18, r34, r50, r100, mbf accepted")
     parser.add_argument("--embedding-size", type=int, default=512, help="for a bare state dict (default 512)")
     parser.add_argument("--image-size", type=int, default=112, help="for a bare state dict (default 112)")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL)
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
     args = parser.parse_args(argv)
 
+    from .checkpoint import CheckpointError
+    from .models.loading import load_any_encoder
+
     try:
-        model, meta = load_encoder(args.encoder, arch=args.arch, embedding_size=args.embedding_size,
-                                   image_size=args.image_size)
-    except (EncoderFileError, FileNotFoundError) as e:
+        model, meta = load_any_encoder(args.encoder, arch=args.arch, embedding_size=args.embedding_size,
+                                       image_size=args.image_size)
+    except (EncoderFileError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = meta["image_size"]
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{meta['arch']} D={meta['embedding_size']} S={size}")
+    origin = f" (checkpoint {meta['checkpoint']}, step {meta['step']})" if "step" in meta else ""
+    print(f"{meta['arch']} D={meta['embedding_size']} S={size}{origin}")
     print(f"wrote {state_path}")
     print(f"wrote {onnx_path} (opset {args.opset}, dynamic batch)")
     print(f"onnxruntime vs torch on 4 random inputs: max |diff| = {diff:.3g}, max |embedding| = {scale:.3g}, "

@@ -47,3 +47,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (files created or renamed in it) durable; a no-op where a
+    directory cannot be opened for syncing (Windows, some network file systems)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

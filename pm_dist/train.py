@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pm_dist.checkpoint import CheckpointError
 from pm_dist.config import RunConfig, load_config
 from pm_dist.config_io import ConfigError
 from pm_dist.distributed import DistEnv, average_buffers, init_distributed
@@ -27,6 +28,7 @@ from pm_dist.heads import HeadContext, build_head
 from pm_dist.metrics import MetricsLogger
 from pm_dist.mining import attach as attach_miner
 from pm_dist.plugins import PluginError, load_plugins
+from pm_dist.preemption import EXIT_PREEMPTED, Stopper
 from pm_dist.training.checkpoints import CheckpointManager
 from pm_dist.training.optim import build_optimizer, build_scheduler
 from pm_dist.training.outputs import export_encoder, write_run_info
@@ -38,7 +40,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m pm_dist.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML run config (default: the embedded CPU demo)")
     p.add_argument("--resume", default="none",
-                   help="'none', 'auto' (newest valid checkpoint of the run), or a checkpoint dir")
+                   help="'none', 'auto' (newest valid checkpoint of the run), 'auto-or-fresh' "
+                        "(as auto, but step 0 when no checkpoint verifies), or a checkpoint dir")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (it registers your heads or evaluation suites)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.steps=100")
@@ -68,8 +71,12 @@ class Trainer:
                                          cfg.batch.images_per_class, env.rank, env.world_size,
                                          start_step=meta["step"] if meta else 0)
         self.num_classes = self.loader.dataset.num_classes
+        if self.loader.sampler.num_ineligible:
+            self._log_main(f"data: {self.loader.sampler.num_ineligible} of {self.num_classes} "
+                           "identities have fewer than 2 images and are never batch identities")
         model = build_model(cfg.model.name, cfg.model.embedding_size, cfg.data.image_size,
                             cfg.model.dropout)
+        self._init_from(model, ckpt)  # before initialize: DeepSpeed broadcasts rank 0's weights
         seed_rank_streams(cfg.run.seed, env.rank)  # dropout draws differ between ranks
         self.engine, self.optimizer, self.scheduler = initialize_encoder(model, cfg, env.world_size)
         self.head, self.head_optimizer, self.head_scheduler = self._build_head()
@@ -85,6 +92,21 @@ class Trainer:
             self._resume(ckpt, meta)
         if env.is_main:
             write_run_info(self.run_dir, cfg, env, self.num_classes)
+
+    def _init_from(self, model, ckpt) -> None:
+        """``model.init_from``: start the encoder from trained weights (the head starts fresh)."""
+        source = self.cfg.model.init_from
+        if not source:
+            return
+        if ckpt is not None:
+            self._log_main(f"model.init_from={source} ignored: resuming from {ckpt} (the "
+                           "checkpoint's weights win)")
+            return
+        from pm_dist.models.loading import init_from
+
+        m = self.cfg.model
+        meta = init_from(model, source, m.name, m.embedding_size, self.cfg.data.image_size)
+        self._log_main(f"encoder initialised from {source} ({meta['arch']}, D={meta['embedding_size']})")
 
     def _build_head(self):
         cfg = self.cfg
@@ -106,10 +128,19 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         last_eval: list[dict] = []
+        stopper, saved_step, preempted = Stopper(), self.step, None
         try:
             tick = time.perf_counter()
             for images, labels in self.loader:
                 if self.step >= cfg.run.steps:
+                    break
+                # Collective: every rank stops after the same step, at an accumulation boundary
+                # (a checkpoint inside a window would not resume exactly).
+                if self.step % cfg.batch.grad_accum == 0 and stopper.should_stop():
+                    preempted = stopper.reason or "another rank was asked to stop"
+                    self._log_main(f"stopping at step {self.step}: {preempted}")
+                    if self.step != saved_step:
+                        self.save()
                     break
                 self.engine.train()
                 self.train_step.step = self.step
@@ -125,18 +156,22 @@ class Trainer:
                 self.metrics.log(self.step, m, console=self._due(cfg.run.log_every))
                 if self._due(cfg.run.checkpoint_every) and self.step < cfg.run.steps:
                     self.save()
+                    saved_step = self.step
                 if self._due(cfg.run.eval_every) and self.step < cfg.run.steps:
                     last_eval = self.evaluate()
                     tick = time.perf_counter()
-            self.save()
-            last_eval = self.evaluate()
-            self._sync_replicas()
-            if self.env.is_main:
-                export_encoder(self.engine.module, self.run_dir, cfg, self.metrics.note)
+            if preempted is None:
+                self.save()
+                last_eval = self.evaluate()
+                self._sync_replicas()
+                if self.env.is_main:
+                    export_encoder(self.engine.module, self.run_dir, cfg, self.metrics.note)
         finally:
+            stopper.close()
             self.loader.close()
             self.metrics.close()
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "eval": last_eval}
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "eval": last_eval,
+                "preempted": preempted}
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -212,8 +247,19 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_process_group=True)
-    trainer = Trainer(cfg, env, resume=args.resume)
-    result = trainer.fit()
+    try:
+        trainer = Trainer(cfg, env, resume=args.resume)
+        result = trainer.fit()
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    if result["preempted"]:
+        if env.is_main:
+            print(f"stopped at step {result['step']} ({result['preempted']}) with a checkpoint of "
+                  f"that step; exit {EXIT_PREEMPTED}: --resume auto continues", flush=True)
+        if env.backend is not None:
+            torch.distributed.destroy_process_group()
+        return EXIT_PREEMPTED
     if env.is_main:
         for r in result["eval"]:
             if r.get("kind") == "verification":

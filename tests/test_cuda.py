@@ -21,7 +21,8 @@ pytestmark = pytest.mark.cuda
 def _softmax_step(device, dtype, emb, weight, labels):
     e = emb.to(device, dtype).requires_grad_(True)
     w = weight.to(device, dtype).requires_grad_(True)
-    res = sharded_margin_softmax(e, w, labels.to(device), Margin(s=64, m1=1, m2=0.5, m3=0))
+    res = sharded_margin_softmax(e, w, labels.to(device), Margin(s=64, m1=1, m2=0.5, m3=0),
+                                 hardest_ids=True)
     res.loss.backward()
     return res.loss.item(), e.grad.float().cpu(), w.grad.float().cpu(), res.hardest_id.cpu()
 

@@ -149,3 +149,14 @@ def test_cli_folder_and_verify(tmp_path, capsys):
     assert convert_main(["verify", out]) == 1
     assert "identities.arrow: cannot read identity table" in capsys.readouterr().out
     assert convert_main(["folder", str(tmp_path / "missing"), "--out", out]) == 1
+
+
+def test_conversion_reports_identities_with_a_single_image(tmp_path, caplog):
+    image_folder(tmp_path / "src", {"a": 2, "b": 1, "c": 1, "d": 3})
+    with caplog.at_level("WARNING"):
+        convert_dataset(FolderSource(str(tmp_path / "src")), str(tmp_path / "out"))
+    assert "2 identities have a single image: training never draws them" in caplog.text
+    from pm_dist.data.sampler import PKSampler
+    sampler = PKSampler(ArrowDataset(str(tmp_path / "out")), 2, 2)
+    assert sampler.num_ineligible == 2
+    assert set(np.concatenate([sampler.classes(s) for s in range(20)]).tolist()) == {0, 3}

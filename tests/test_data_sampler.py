@@ -51,7 +51,7 @@ def check_pk_structure(index: ContiguousIndex, sampler: PKSampler, step: int) ->
     assert (labels == labels[:, :1]).all()  # K consecutive samples per identity
     classes = labels[:, 0]
     assert len(np.unique(classes)) == P  # P distinct identities
-    assert (index.counts(classes) > 0).all()
+    assert (index.counts(classes) >= 2).all()  # a prototype from two distinct images at least
     np.testing.assert_array_equal(index.class_of(b.indices), b.labels)  # each image is its identity's
     rows = b.indices.reshape(P, K)
     for c, r in zip(classes, rows):
@@ -72,7 +72,7 @@ def test_pk_structure_holds(counts, P, K, W, weighting, step):
     counts = np.asarray(counts)
     counts[0] = max(counts[0], 1)
     index = ContiguousIndex(counts)
-    eligible = int((counts > 0).sum())
+    eligible = int((counts >= 2).sum())
     if P > eligible or (P * K) % W:
         with pytest.raises(ValueError):
             PKSampler(index, P, K, W, 0, weighting=weighting)
@@ -86,7 +86,7 @@ def test_clear_errors_for_bad_shapes():
         PKSampler(index, 3, 3, world_size=2)
     with pytest.raises(ValueError, match="K .* must be an integer >= 2"):
         PKSampler(index, 4, 1)
-    with pytest.raises(ValueError, match="only 10 identities with images"):
+    with pytest.raises(ValueError, match="only 10 identities with at least 2 images"):
         PKSampler(index, 11, 2)
     with pytest.raises(ValueError, match="rank"):
         PKSampler(index, 4, 2, world_size=2, rank=2)
@@ -140,11 +140,38 @@ def test_huge_synthetic_index_needs_no_tables():
     assert gen.counts(draws).mean() > 1.5 * gen.counts(uniform).mean()  # rejection favours big identities
 
 
-def test_empty_identities_are_never_drawn():
-    counts = np.array([0, 3, 0, 0, 5, 2, 0, 1])
-    s = PKSampler(ContiguousIndex(counts), 4, 2, seed=0)
+@pytest.mark.parametrize("weighting", ["uniform", "count"])
+def test_identities_with_fewer_than_two_images_are_never_drawn(weighting):
+    counts = np.array([0, 3, 0, 0, 5, 2, 0, 1, 1, 4])
+    s = PKSampler(ContiguousIndex(counts), 3, 2, seed=0, weighting=weighting)
+    assert s.num_ineligible == 6  # four empty, two with a single image
     drawn = np.concatenate([s.classes(step) for step in range(50)])
-    assert set(drawn.tolist()) == {1, 4, 5, 7}
+    assert set(drawn.tolist()) == {1, 4, 5, 9}
+    with pytest.raises(ValueError, match="only 4 identities with at least 2 images"):
+        PKSampler(ContiguousIndex(counts), 5, 2)
+
+
+def test_single_image_identities_are_redrawn_without_a_count_table():
+    gen = SyntheticIdentities(num_identities=2000, image_size=16, count_median=1.5,
+                              min_images=1, max_images=3, seed=1)
+    ds = SyntheticDataset(gen)
+    assert (gen.counts(np.arange(2000)) == 1).sum() > 200  # plenty to draw by accident
+    for weighting in ("uniform", "count"):
+        s = PKSampler(ds, 64, 2, seed=3, weighting=weighting)
+        drawn = np.concatenate([s.classes(step) for step in range(20)])
+        assert (gen.counts(drawn) >= 2).all(), weighting
+
+
+def test_proposals_of_single_image_identities_are_dropped():
+    counts = np.full(100, 4)
+    counts[1::2] = 1  # every odd identity has one image
+
+    def partners(step, rng, num, drawn):
+        return drawn ^ 1
+
+    s = PKSampler(ContiguousIndex(counts), 10, 2, proposer=partners, proposal_fraction=0.5)
+    for step in range(10):
+        assert (counts[s.classes(step)] >= 2).all()
 
 
 def test_proposer_chooses_part_of_the_identities():

@@ -49,6 +49,19 @@ def test_write_report_table_json_png(tmp_path):
     assert (np.abs(img.astype(int) - (31, 119, 180)).sum(axis=2) == 0).sum() > 200  # the curve is drawn
 
 
+def test_a_kind_without_its_own_table_gets_a_generic_one(tmp_path):
+    console = Console(record=True, width=200)
+    plugin = {"name": "toy-norms", "kind": "norms", "headline": ["mean_norm"], "mean_norm": 0.61234,
+              "images": 24, "seconds": 0.5, "per_image": [1.0, 2.0], "flag": True}
+    write_report([verification_result(), plugin], tmp_path / "rep", console=console)
+    text = console.export_text()
+    assert "norms results" in text and "toy-norms" in text and "0.61234" in text
+    header = next(line for line in text.splitlines() if "mean_norm" in line)
+    assert header.index("mean_norm") < header.index("images")  # the headline first
+    assert "per_image" not in text and "flag" not in text  # only scalars
+    assert "0.99817 ± 0.00229" in text  # the known kind keeps its own table
+
+
 def test_write_report_does_nothing_off_rank_0(tmp_path, monkeypatch):
     monkeypatch.setattr("pm_dist.eval.report.get_rank", lambda: 1)
     assert write_report([verification_result()], tmp_path / "r1") is None

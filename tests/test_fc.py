@@ -25,6 +25,7 @@ def _rank_full_fc(seed, n, c, d, sample_rate):
     emb, weight, labels = make_problem(seed, n, c, d)
     kwargs = dict(sample_rate=sample_rate) if sample_rate is not None else {}
     head = (PartialFC if sample_rate is not None else FullFC)(d, c, Margin(*MARGIN), **kwargs)
+    head.report_hardest = True
     with torch.no_grad():
         head.weight.copy_(weight[head.start:head.end])
     e = emb.float().requires_grad_(True)

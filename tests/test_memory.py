@@ -60,6 +60,7 @@ def make_batch(seed, step, num_ids=NUM_IDS, dim=DIM, max_classes=6, singles=True
 def _rank_run(seed, steps, cfg, margin, singles=True):
     """Every rank: the sharded memory on the global batches; per step what it returned."""
     head = PrototypeMemory(DIM, MemoryConfig(**cfg), Margin(*margin), classes_per_batch=6)
+    head.report_hardest = True
     out = []
     for step in range(steps):
         emb, labels = make_batch(seed, step, singles=singles)
@@ -294,6 +295,7 @@ def test_nonfinite_step_is_skipped_on_every_rank(dist_pool, generation):
 def _rank_resume(seed, cfg, steps, cut):
     """Straight run vs run cut at ``cut``, saved, restored into a fresh head: bit-identical."""
     def step_fn(head, step):
+        head.report_hardest = True
         emb, labels = make_batch(seed, step)
         e = emb.clone().requires_grad_(True)
         res = head(e, labels)

@@ -72,8 +72,8 @@ def test_unknown_name_lists_names_and_suggests():
         build_model("iresnet5O")
     message = str(err.value)
     assert all(name in message for name in MODEL_NAMES)
-    assert "Did you mean 'iresnet50'?" in message
-    with pytest.raises(ValueError, match="Did you mean 'mobilefacenet'"):
+    assert "did you mean 'iresnet50'?" in message
+    with pytest.raises(ValueError, match="did you mean 'mobilefacenet'"):
         build_model("mobilefacenett")
 
 

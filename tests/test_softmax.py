@@ -59,7 +59,7 @@ def _rank_softmax(seed, n, c, d, margin_params, mask_frac, sizes, dtype):
                                torch.full_like(labels, -1))
     res = sharded_margin_softmax(e, w, local_target, Margin(*margin_params),
                                  column_mask=None if mask_frac == 0 else mask[start:end],
-                                 column_ids=torch.arange(start, end))
+                                 column_ids=torch.arange(start, end), hardest_ids=True)
     res.loss.backward()
     return dict(loss=res.loss.item(), acc=res.accuracy.item(), hardest=res.hardest_id,
                 grad_e=e.grad.float(), grad_w=w.grad.float(), start=start, end=end)
@@ -260,7 +260,8 @@ def _rank_target_vectors(seed, n, c, d):
     local_target = torch.where((labels >= start) & (labels < end), labels - start,
                                torch.full_like(labels, -1))
     res = sharded_margin_softmax(e, w, local_target, Margin(*MARGINS["arcface"]),
-                                 column_ids=torch.arange(start, end), target_vectors=targets)
+                                 column_ids=torch.arange(start, end), target_vectors=targets,
+                                 hardest_ids=True)
     res.loss.backward()
     return dict(loss=res.loss.item(), acc=res.accuracy.item(), hardest=res.hardest_id,
                 grad_e=e.grad, grad_w=w.grad, start=start, end=end)
@@ -303,3 +304,68 @@ def test_confident_rows_keep_their_small_loss_and_gradient():
     zz = 16.0 * (e64 @ weight.t())[0]
     torch.log1p(torch.exp(zz[1:] - zz[0]).sum()).backward()
     close(e.grad, e64.grad, 1e-5)
+
+
+# ------------------------------------------------------------------- collectives per step
+def _rank_count_all_reduces(hardest_ids):
+    """Every all-reduce one forward + backward issues, and what the softmax and the heads return."""
+    import torch.distributed as dist
+
+    from pm_dist.heads.fc import FullFC
+    from pm_dist.heads.memory import MemoryConfig, PrototypeMemory
+
+    rank, world = get_rank(), get_world_size()
+    emb, weight, labels, _ = make_problem(5, 12, 10, 16)
+    start, end = class_range(10, world, rank)
+    local_target = torch.where((labels >= start) & (labels < end), labels - start,
+                               torch.full_like(labels, -1))
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append((tuple(tensor.shape), tensor.dtype))
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        e = emb.clone().requires_grad_(True)
+        res = sharded_margin_softmax(e, weight[start:end], local_target, Margin(),
+                                     column_ids=torch.arange(start, end), hardest_ids=hardest_ids)
+        res.loss.backward()
+        softmax_calls = list(calls)
+        out = {}
+        for name, head in (("full_fc", FullFC(16, 10, Margin())),
+                           ("memory", PrototypeMemory(16, MemoryConfig(capacity=24, num_classes=10),
+                                                      Margin()))):
+            head.report_hardest = hardest_ids
+            calls.clear()
+            o = head(emb.clone().requires_grad_(True), labels)
+            o.loss.backward()
+            out[name] = dict(calls=list(calls), hardest=o.hardest_class, cos=o.hardest_cos)
+    finally:
+        dist.all_reduce = original
+    return dict(softmax_calls=softmax_calls, hardest=res.hardest_id, hardest_cos=res.hardest_cos,
+                heads=out)
+
+
+@pytest.mark.parametrize("hardest_ids", [False, True])
+def test_two_all_reduces_unless_hardest_ids_are_asked_for(dist_pool, hardest_ids):
+    results = dist_pool(2).run(_rank_count_all_reduces, hardest_ids)
+    emb, weight, labels, _ = make_problem(5, 12, 10, 16)
+    cos = (emb @ weight.t()).double()
+    best, hardest = cos.masked_fill(F.one_hot(labels, 10).bool(), float("-inf")).max(1)
+    for r in results:
+        assert len(r["softmax_calls"]) == (3 if hardest_ids else 2)
+        if hardest_ids:
+            assert r["softmax_calls"][2] == ((12,), torch.int64)
+            assert torch.equal(r["hardest"], hardest)
+        else:
+            assert r["hardest"] is None
+        # the hardest non-target cosine comes from the first all-reduce either way
+        torch.testing.assert_close(r["hardest_cos"].double(), best, rtol=1e-6, atol=1e-6)
+        for name, head in r["heads"].items():
+            assert len(head["calls"]) == (3 if hardest_ids else 2), name
+            assert (head["hardest"] is None) == (not hardest_ids), name
+            assert (head["cos"] is None) == (not hardest_ids), name
+            if hardest_ids:
+                assert head["cos"].shape == (12,) and head["hardest"].shape == (12,)

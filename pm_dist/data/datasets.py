@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,33 @@ from .synthetic import SyntheticIdentities
 from .transforms import DECODE_ERRORS, decode
 
 log = logging.getLogger("pm_dist.data")
+
+
+class IdentityNames(Sequence):
+    """The identities' names, left in the memory-mapped Arrow column: ``names[c]`` converts one
+    name (for an error message); nothing turns them all into Python strings (at 10⁸ identities a
+    list of them would cost gigabytes per process)."""
+
+    def __init__(self, column: pa.ChunkedArray | pa.Array):
+        self._column = column
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, c):
+        if isinstance(c, slice):
+            return self._column[c].to_pylist()
+        return self._column[int(c)].as_py()
+
+    def __eq__(self, other) -> bool:
+        return list(other) == self._column.to_pylist() if isinstance(other, (list, tuple,
+                                                                           IdentityNames)) \
+            else NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"IdentityNames({len(self)} names)"
 
 
 class ArrowDataset:
@@ -79,12 +107,13 @@ class ArrowDataset:
             raise DataError(f"{self._ident_path}: cannot read identity table: {e}") from None
         if not table.schema.equals(IDENTITY_SCHEMA, check_metadata=False):
             raise DataError(f"{self._ident_path}: unexpected schema {table.schema}")
-        counts = table.column("count").to_numpy().astype(np.int64)
-        starts = table.column("start").to_numpy().astype(np.int64)
-        return counts, starts, table.column("name").to_pylist()
+        # int64 by the schema: views of the memory map, no copies (pages shared by a node's ranks)
+        counts = np.asarray(table.column("count").to_numpy(), dtype=np.int64)
+        starts = np.asarray(table.column("start").to_numpy(), dtype=np.int64)
+        return counts, starts, IdentityNames(table.column("name"))
 
     def _identity_name(self, c: int) -> str:
-        name = self.names[c] if self.names else None
+        name = self.names[c] if len(self.names) else None
         return f"identity {c}" + (f" ({name!r})" if name else "")
 
     def _check_shard_file(self, s: dict) -> str | None:

@@ -26,6 +26,7 @@ How the work is split, and why:
 from __future__ import annotations
 
 import logging
+import signal
 
 import numpy as np
 import torch
@@ -106,6 +107,10 @@ def _identity(item):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers decode; the training process owns the cores' BLAS threads
+    # A scheduler stopping the job signals every process: the training process saves at the next
+    # step (pm_dist.preemption) and needs its workers until then; they end with it.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _sync_active(world_size: int) -> bool:

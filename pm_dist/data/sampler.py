@@ -11,11 +11,15 @@ keeps positions [r·B/W, (r+1)·B/W) with B = P·K, which must divide by W.
 **Identities.** P distinct identities per batch, drawn uniformly or with probability proportional to
 their image count (successive draws without replacement). Uniform draws over N identities need no
 table (N may be 10⁸); count weighting uses the dataset's count array when it has one and otherwise
-rejection against ``max_count``. Identities without images are never drawn.
+rejection against ``max_count``. Identities with fewer than ``MIN_IMAGES`` = 2 images are never
+drawn as batch identities (nor proposed): with one image, its "prototype from K images" would be
+one image K times, and leave-one-out's "other exemplars" the row itself. ``num_ineligible`` says
+how many a dataset with a count table loses to the rule; without a table (synthetic identities)
+such a draw is redrawn.
 
-**Images.** K distinct images of each identity when it has at least K; an identity with n < K images
-gives all n (in random order) and then K−n more drawn with replacement, so every identity still
-yields a prototype from K ≥ 2 images.
+**Images.** K distinct images of each identity when it has at least K; an identity with
+2 ≤ n < K images gives all n (in random order) and then K−n more drawn with replacement, so its
+prototype comes from n ≥ 2 distinct images (its repeated rows are copies, with their own flips).
 
 **Proposer hook.** ``set_proposer(fn, fraction)`` lets a miner choose ``round(fraction·P)`` of the
 identities. The sampler first draws the rest at random, then calls
@@ -36,6 +40,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 _TAG_CLASSES, _TAG_IMAGES, _TAG_PROPOSE = 11, 12, 13
+MIN_IMAGES = 2  # an identity with fewer distinct images is never a batch identity
 
 
 class PKBatch(NamedTuple):
@@ -93,16 +98,18 @@ class PKSampler:
 
         counts = index.count_array()
         self._counts = None if counts is None else np.asarray(counts, dtype=np.int64)
-        if self._counts is not None and (self._counts <= 0).any():
-            self._eligible = np.flatnonzero(self._counts > 0)  # identities that have images
+        if self._counts is not None and (self._counts < MIN_IMAGES).any():
+            self._eligible = np.flatnonzero(self._counts >= MIN_IMAGES)
         else:
             self._eligible = None
         self.num_eligible = self.num_classes if self._eligible is None else int(self._eligible.size)
+        # identities the rule leaves out (known with a count table; 0 without one)
+        self.num_ineligible = self.num_classes - self.num_eligible
         if self.P > self.num_eligible:
             raise ValueError(f"P = {self.P} identities per batch but the dataset has only "
-                             f"{self.num_eligible} identities with images")
+                             f"{self.num_eligible} identities with at least {MIN_IMAGES} images")
         if weighting == "count" and self._counts is not None:
-            self._cum = np.cumsum(self._counts)
+            self._cum = np.cumsum(np.where(self._counts >= MIN_IMAGES, self._counts, 0))
         self._proposer, self._proposer_takes_drawn, self.proposal_fraction = None, False, 0.0
         if proposer is not None:
             self.set_proposer(proposer, proposal_fraction)
@@ -126,13 +133,21 @@ class PKSampler:
     def _draw_with_replacement(self, rng: np.random.Generator, n: int) -> np.ndarray:
         if self.weighting == "uniform":
             pos = rng.integers(0, self.num_eligible, size=n)
-            return pos if self._eligible is None else self._eligible[pos]
+            if self._eligible is not None:
+                return self._eligible[pos]
+            if self._counts is None:  # no table: redraw identities below MIN_IMAGES
+                pos = pos[self._enough_images(pos)]
+                while len(pos) < n:
+                    more = rng.integers(0, self.num_classes, size=n - len(pos))
+                    pos = np.concatenate([pos, more[self._enough_images(more)]])
+            return pos
         if self._counts is not None:  # inverse CDF over the cumulative counts: exact integers
             return np.searchsorted(self._cum, rng.integers(0, int(self._cum[-1]), size=n), side="right")
         out = []  # rejection against max_count: needs no table
         while sum(len(o) for o in out) < n:
             cand = rng.integers(0, self.num_classes, size=2 * n)
-            keep = rng.integers(0, self.index.max_count, size=2 * n) < self.index.counts(cand)
+            have = np.asarray(self.index.counts(cand))
+            keep = (rng.integers(0, self.index.max_count, size=2 * n) < have) & (have >= MIN_IMAGES)
             out.append(cand[keep])
         return np.concatenate(out)[:n]
 
@@ -169,9 +184,11 @@ class PKSampler:
             bad = int(out[(out < 0) | (out >= self.num_classes)][0])
             raise ValueError(f"proposer returned identity {bad}, outside [0, {self.num_classes})")
         out = _first_unique(out[~np.isin(out, drawn)])
-        if self._counts is not None:
-            out = out[self._counts[out] > 0]
-        return out[:num]
+        return out[self._enough_images(out)][:num]
+
+    def _enough_images(self, classes: np.ndarray) -> np.ndarray:
+        counts = self._counts[classes] if self._counts is not None else self.index.counts(classes)
+        return np.asarray(counts) >= MIN_IMAGES
 
     def classes(self, step: int) -> np.ndarray:
         """The P identities of global batch ``step``, in batch order."""

@@ -263,4 +263,8 @@ def _finalise(out: str, plan: Plan, markers: dict, n_shards: int, settings: dict
     empty = int((counts == 0).sum())
     if empty:
         log.warning("%s: %d identities have no images after conversion", out, empty)
+    single = int((counts == 1).sum())
+    if single:
+        log.warning("%s: %d identities have a single image: training never draws them as batch "
+                    "identities (a prototype needs two images)", out, single)
     return empty

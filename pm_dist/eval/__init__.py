@@ -9,7 +9,7 @@ from .binfile import BinFormatError, read_bin, write_bin
 from .embed import EmbeddingError, Embeddings, extract_embeddings
 from .identification import identification_metrics
 from .images import FileSource, ImageDecodeError
-from .loading import OnnxEncoder, load_model
+from pm_dist.models.loading import OnnxEncoder, load_model
 from .lists import ListFormatError, read_pair_list, read_subject_list, read_template_list
 from .protocol import insightface_line, verification_metrics, verification_metrics_from_distances
 from .report import print_report, write_report

@@ -11,7 +11,6 @@ percent with two decimals as insightface's IJB tables. A value the data cannot m
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pm_dist.distributed import get_rank
+from pm_dist.files import atomic_write_json
 
 from .plot import plot_curves
 
@@ -100,13 +100,36 @@ _TABLES = {
 }
 
 
+def _scalar(value) -> str:
+    if isinstance(value, float):
+        return "—" if not math.isfinite(value) else f"{value:.5g}"
+    return str(value)
+
+
+def _generic_table(results):
+    """Any other kind (a plugin suite's): its headline first, then its other scalar values."""
+    keys = []
+    for r in results:
+        keys += [k for k in r.get("headline", []) if k not in keys]
+    for r in results:
+        keys += [k for k, v in r.items() if k not in keys and k not in ("name", "kind", "headline")
+                 and isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    rows = [[r["name"], *(_scalar(r[k]) if k in r else "—" for k in keys)] for r in results]
+    return ["set", *keys], rows
+
+
 def print_report(results: list[dict], console: Console | None = None, step=None) -> None:
-    """One table per kind of result, then insightface's own log line for each ``.bin`` set."""
+    """One table per kind of result (a generic one for kinds without their own, such as a plugin
+    suite's), then insightface's own log line for each ``.bin`` set."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
             console = Console(width=160)
-    for kind, (title, build) in _TABLES.items():
+    tables = dict(_TABLES)
+    for kind in dict.fromkeys(r["kind"] for r in results):
+        if kind not in tables:
+            tables[kind] = (f"{kind} results", _generic_table)
+    for kind, (title, build) in tables.items():
         chosen = [r for r in results if r["kind"] == kind]
         if not chosen:
             continue
@@ -139,10 +162,7 @@ def write_report(results: list[dict] | dict, out_dir: str | os.PathLike, step: i
     print_report(results, console, step)
 
     json_path = os.path.join(out_dir, f"eval{_suffix(step)}.json")
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "results": _clean(results)}, f, indent=1)
-    os.replace(tmp, json_path)
+    atomic_write_json(json_path, {"step": step, "results": _clean(results)})
 
     plots = []
     for r in results:

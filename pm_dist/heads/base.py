@@ -13,8 +13,8 @@ holds its own shard of the classifier columns. The trainer knows heads only thro
   ``shards`` is a ``ShardFiles``: indexing it reads one rank's file, so a head reads only what it
   needs (its own shard when nothing changed).
 * ``report_hardest``: when True, ``HeadOutput.hardest_class`` names each row's hardest non-target
-  class and ``hardest_cos`` its cosine (doppelganger mining, ``pm_dist.mining``, sets it); off, the
-  softmax saves that collective.
+  class and ``HeadOutput.hardest_cos`` holds its cosine (doppelganger mining); off (the default),
+  both are None and the softmax issues two all-reduces instead of three.
 
 A new head is a module with a ``Head`` subclass and one ``register_head`` line
 (``pm_dist.heads.registry``); see docs/extending.md.
@@ -35,9 +35,11 @@ class HeadOutput:
 
     loss: torch.Tensor  # scalar, differentiable
     accuracy: torch.Tensor  # scalar
-    hardest_class: torch.Tensor | None  # [N] class of the hardest non-target column (−1: none)
+    hardest_class: torch.Tensor | None  # [N] class of the hardest non-target column (−1: none);
+    #                                     None unless the head's ``report_hardest`` is True
     stats: dict[str, float] = field(default_factory=dict)
-    hardest_cos: torch.Tensor | None = None  # [N] float cosine to that column; None: not reported
+    # [N] cosine to that column (−inf: none), fp32, no gradient; None unless ``report_hardest``
+    hardest_cos: torch.Tensor | None = None
 
 
 class ShardFiles(Sequence):

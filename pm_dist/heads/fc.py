@@ -73,9 +73,10 @@ class FullFC(Head):
         weight, column_ids, local_target = self._columns(labels, local_target)
         res = sharded_margin_softmax(F.normalize(embeddings.float()), F.normalize(weight),
                                      local_target, self.margin, column_ids=column_ids,
-                                     group=self.group)
+                                     group=self.group, hardest_ids=self.report_hardest)
         return HeadOutput(res.loss, res.accuracy, res.hardest_id,
-                          {"columns": float(weight.shape[0])}, hardest_cos=res.hardest_cos)
+                          {"columns": float(weight.shape[0])},
+                          res.hardest_cos if self.report_hardest else None)
 
     def _columns(self, labels, local_target):
         ids = torch.arange(self.start, self.end, device=labels.device)
@@ -96,23 +97,31 @@ class FullFC(Head):
         return state
 
     def load_shards(self, shards: ShardFiles, optimizer=None) -> list[str]:
-        """Own rows from the save of the same world size; else every shard is read, concatenated in
-        rank order (class order) and sliced to this rank's rows, optimizer buffers included."""
-        saved = shards[0]
+        """Own rows from the save of the same world size (only this rank's file is read); else only
+        the saved shards whose class ranges overlap this rank's are read, concatenated in rank order
+        (class order) and sliced to this rank's rows, optimizer buffers included."""
+        old_world = len(shards)
+        if old_world == self.world_size:
+            needed = [self.rank]
+        else:
+            ranges = [class_range(self.num_classes, old_world, r) for r in range(old_world)]
+            needed = [r for r, (lo, hi) in enumerate(ranges) if lo < self.end and hi > self.start]
+        states = [shards[r] for r in needed or [0]]
+        saved = states[0]
         if saved.get("num_classes", self.num_classes) != self.num_classes:
             raise ValueError(f"head saved for {saved['num_classes']} classes, this run has "
                              f"{self.num_classes}")
-        if len(shards) == self.world_size:
-            own = shards[self.rank]
-            self.load_state_dict(own["head"])
-            if optimizer is not None and "optimizer" in own:
-                optimizer.load_state_dict(own["optimizer"])
+        if old_world == self.world_size:
+            self.load_state_dict(saved["head"])
+            if optimizer is not None and "optimizer" in saved:
+                optimizer.load_state_dict(saved["optimizer"])
             return []
-        module, optim = reshard_fc_state(shards[:], self.start, self.end)
+        first = class_range(self.num_classes, old_world, (needed or [0])[0])[0]
+        module, optim = reshard_fc_state(states, self.start - first, self.end - first)
         self.load_state_dict(module)
         if optimizer is not None and optim is not None:
             optimizer.load_state_dict(optim)
-        return [f"class weights resharded from {len(shards)} to {self.world_size} ranks"]
+        return [f"class weights resharded from {old_world} to {self.world_size} ranks"]
 
 
 class PartialFC(FullFC):

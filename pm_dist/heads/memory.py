@@ -27,7 +27,8 @@ One step (``forward``), on the global batch gathered by the training loop, ident
    ``sharded_margin_softmax``; the target is the row's class slot, or its leave-one-out prototype.
 6. Statistics: one all-gather of ten numbers per rank.
 
-Every rank issues the same collectives each step whatever it owns (the softmax's three all-reduces,
+Every rank issues the same collectives each step whatever it owns (the softmax's two all-reduces,
+three with ``report_hardest``,
 then the statistics all-gather; a skipped step issues only the all-gather, on every rank). Per-step
 cost is O(batch·D + M_r·D) plus the two matrix products; it never depends on N.
 """
@@ -169,11 +170,13 @@ class PrototypeMemory(Head):
 
         res = sharded_margin_softmax(normed, weight, local_target, self.margin,
                                      column_mask=self.slot_class >= 0, column_ids=self.slot_class,
-                                     target_vectors=target_vectors, group=self.group)
+                                     target_vectors=target_vectors, group=self.group,
+                                     hardest_ids=self.report_hardest)
         stats = self._stats(step, len(owned), upd["hit"].sum(), upd["evictions"], forgotten,
                             upd["target_age"])
         self.step = step + 1
-        return HeadOutput(res.loss, res.accuracy, res.hardest_id, stats, hardest_cos=res.hardest_cos)
+        return HeadOutput(res.loss, res.accuracy, res.hardest_id, stats,
+                          res.hardest_cos if self.report_hardest else None)
 
     def _check_fits(self, classes: torch.Tensor) -> None:
         """Every class of a step needs its own slot on its owner: refuse a batch whose classes
@@ -284,8 +287,12 @@ class PrototypeMemory(Head):
         none = torch.zeros(0, dtype=torch.int64, device=x.device)
         stats = self._stats(self.step, 0, 0, 0, 0, none, skipped=True)
         loss = (x * float("nan")).sum()  # NaN gradients, not zeros: no optimizer can miss it
-        hardest = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
-        return HeadOutput(loss, torch.tensor(float("nan"), device=x.device), hardest, stats)
+        hardest = hardest_cos = None
+        if self.report_hardest:
+            hardest = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+            hardest_cos = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        return HeadOutput(loss, torch.tensor(float("nan"), device=x.device), hardest, stats,
+                          hardest_cos)
 
     # ------------------------------------------------------------------------------- content
     def entries(self) -> dict[str, torch.Tensor]:

@@ -2,25 +2,32 @@
 
 Every rank holds the *same* global batch of normalized embeddings E [N, D] and its *own* columns
 W_r [C_r, D] (class weights or prototypes). Rank r computes cosines E·W_rᵀ for its columns only; the
-softmax over all Σ C_r columns is assembled with three small collectives over [N]-sized vectors and
-never materialises a full row of logits anywhere:
+softmax over all Σ C_r columns is assembled with two small collectives over [N]-sized vectors (a
+third only when asked) and never materialises a full row of logits anywhere:
 
 1. all-reduce(MAX) of [row max of the scaled logits, hardest non-target cosine]   (2·N floats)
 2. all-reduce(SUM) of [Σ_{non-target} exp(logit − max), target cosine, target count] (3·N floats)
-3. all-reduce(MAX) of the hardest non-target's column id                          (N int64)
+3. only with ``hardest_ids=True``: all-reduce(MAX) of the hardest non-target's column id (N int64)
 
 The third exists only for doppelganger mining (the identity of the hardest negative); loss,
-accuracy and gradients need the first two. All reductions are fp32, whatever the matmul dtype, and
+accuracy, the hardest non-target cosine and the gradients need the first two. All reductions are fp32, whatever the matmul dtype, and
 the loss is log-sum-exp − target (never ``log(clamp(p))``), computed from the non-target mass so a
 confident row's small loss and its gradient p_t − 1 keep their precision.
 
 The backward is local: d loss / d logits_r = s·(p − onehot)/N on rank r's columns (the margin's true
-derivative on the target column), then d E = dlogits_r·W_r and d W_r = dlogits_rᵀ·E. d E is a partial
+derivative on the target column), then d E = dlogits_r·W_r and d W_r = dlogits_rᵀ·E. The buffer is
+not rescaled: dlogits_r = diag(f)·exp(logit − max) plus the target entries, so the per-row factor f
+multiplies the [N, D] result (d E) or operand (E, for d W_r) and the target column enters as a
+rank-one correction; the backward is the products and nothing else over [N, C_r]. d E is a partial
 sum that the caller's all-gather backward (``distributed.gather_embeddings``) reduce-scatters to the
 owners of the rows. d W_r is already the exact gradient of the global mean loss: nothing averages it.
 
-Memory: one fp32 buffer [N, C_r] holds the cosines, then exp(logit − max) in place, then the
-gradient in place. Peak per rank ≈ 4·N·C_r bytes (+ 2·N·C_r transient when the matmul runs in
+Passes over the [N, C_r] buffer besides the products: the row max (a max-with-index only when
+``hardest_ids``), one fused scale-and-shift, the exp and the row sum; a column mask costs one more
+pass only when some column is masked (an empty memory slot).
+
+Memory: one fp32 buffer [N, C_r] holds the cosines, then exp(logit − max) in place, which the
+backward reads as it is. Peak per rank ≈ 4·N·C_r bytes (+ 2·N·C_r transient when the matmul runs in
 bf16/fp16) + O(N·D + C_r·D) for the outputs. The buffer is freed after backward, so a graph built by
 this function can be backpropagated once.
 """
@@ -45,7 +52,8 @@ class SoftmaxResult:
 
     loss: torch.Tensor  # scalar, global-batch mean, differentiable
     accuracy: torch.Tensor  # scalar, top-1 over all columns of the raw cosines (no margin)
-    hardest_id: torch.Tensor  # [N] int64: id of the hardest non-target column, −1 if none
+    hardest_id: torch.Tensor | None  # [N] int64: id of the hardest non-target column, −1 if none
+    #                                  (None unless asked for with ``hardest_ids=True``)
     hardest_cos: torch.Tensor  # [N] cosine to it (−inf if none)
     target_cos: torch.Tensor  # [N] cosine to the target column
 
@@ -53,7 +61,7 @@ class SoftmaxResult:
 class _ShardedMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, weight, local_target, column_mask, column_ids, target_vectors,
-                margin: Margin, group):
+                margin: Margin, group, hardest_ids: bool):
         n, c = embeddings.shape[0], weight.shape[0]
         device = embeddings.device
         buf = torch.mm(embeddings.to(weight.dtype), weight.t()).float()  # cosines [N, C]
@@ -65,14 +73,16 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         else:  # the row's own target vector replaces its class column (leave-one-out prototypes)
             tv = target_vectors[owned_rows]
             cos_t_local = (embeddings[owned_rows].to(tv.dtype) * tv).sum(1).float()
-        if column_mask is not None:
+        if column_mask is not None and not bool(column_mask.all()):  # a full memory: no pass
             buf.masked_fill_(~column_mask.unsqueeze(0), _NEG_INF)
         buf[owned_rows, owned_cols] = _NEG_INF  # the target is no candidate for "hardest"
-        if c > 0:
-            hard_cos_local, hard_col = buf.max(dim=1)
-        else:
+        hard_col = None
+        if c == 0:
             hard_cos_local = torch.full((n,), _NEG_INF, device=device)
-            hard_col = torch.zeros(n, dtype=torch.int64, device=device)
+        elif hardest_ids:
+            hard_cos_local, hard_col = buf.max(dim=1)
+        else:  # no column index wanted: a plain max is several times cheaper than max-with-index
+            hard_cos_local = buf.amax(dim=1)
         t_logit_owned, _ = margin.target_logit(cos_t_local)
 
         # 1. MAX: row max (stability) and the global hardest non-target cosine.
@@ -82,8 +92,11 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         row_max, hard_cos = maxes[0], maxes[1]
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
 
-        buf.mul_(margin.s)  # the target entry is still −inf: the sum below is over non-targets
-        buf.sub_(row_max.unsqueeze(1)).exp_()
+        # exp(s·cos − max) in two passes: one fused scale-and-shift, one exp (the target entry
+        # stays −inf → 0, so the sum below is over non-targets and the buffer needs no mask later)
+        if c > 0:
+            torch.add(row_max.neg().unsqueeze(1), buf, alpha=margin.s, out=buf)
+            buf.exp_()
 
         # 2. SUM: non-target mass, target cosine (only its owner contributes) and owner count.
         sums = torch.zeros(3, n, device=device)
@@ -103,14 +116,16 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         # when the target dominates (a loss of 1e-8 stays 1e-8, where log(sum) − z_t would be 0).
         loss = F.softplus(torch.log(other_exp) + row_max - target_logit).mean()
 
-        # 3. MAX: the id of the hardest non-target column (the rank holding the max reports it).
-        if column_ids is None:
-            column_ids = torch.arange(c, device=device)
-        holder = (hard_cos_local == hard_cos) & torch.isfinite(hard_cos)
-        hard_id = torch.full((n,), -1, dtype=torch.int64, device=device)
-        if c > 0:
-            hard_id = torch.where(holder, column_ids[hard_col], hard_id)
-        all_reduce_(hard_id, dist.ReduceOp.MAX, group)
+        # 3. MAX, only when asked: the id of the hardest non-target column (its holder reports it).
+        hard_id = None
+        if hardest_ids:
+            if column_ids is None:
+                column_ids = torch.arange(c, device=device)
+            holder = (hard_cos_local == hard_cos) & torch.isfinite(hard_cos)
+            hard_id = torch.full((n,), -1, dtype=torch.int64, device=device)
+            if c > 0:
+                hard_id = torch.where(holder, column_ids[hard_col], hard_id)
+            all_reduce_(hard_id, dist.ReduceOp.MAX, group)
 
         accuracy = (target_cos > hard_cos).float().mean()
 
@@ -118,8 +133,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         ctx.margin = margin
         ctx.save_for_backward(embeddings, weight, owned_rows, owned_cols, sum_exp, other_exp,
                               target_deriv, target_vectors)
-        ctx.mark_non_differentiable(accuracy, hard_id, hard_cos, target_cos)
-        return loss, accuracy, hard_id, hard_cos, target_cos
+        outputs = (loss, accuracy, hard_cos, target_cos) + ((hard_id,) if hardest_ids else ())
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -134,21 +150,29 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         scale = grad_loss.float() / n
 
         # p = exp(logit − max) / Σ; d loss/d cos_j = s·p_j·scale off target, deriv·(p_t − 1)·scale on
-        # it, with p_t − 1 = −Σ_{j≠t} p_j (no cancellation when p_t ≈ 1).
-        buf.mul_((ctx.margin.s * scale / sum_exp).unsqueeze(1))
+        # it, with p_t − 1 = −Σ_{j≠t} p_j (no cancellation when p_t ≈ 1). The buffer holds
+        # exp(logit − max), 0 on the target: the per-row factor s·scale/Σ is applied to the [N, D]
+        # operands and results instead of the [N, C] buffer (dlogits = diag(f)·buf + target terms),
+        # and the target column's term is added as a rank-one correction.
+        f = (ctx.margin.s * scale / sum_exp).unsqueeze(1)
         grad_t = (-(other_exp / sum_exp) * target_deriv * scale)[owned_rows]
-        buf[owned_rows, owned_cols] = grad_t if target_vectors is None else 0.0
 
         grad_e = grad_w = None
         dcos = buf.to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            grad_e = torch.mm(dcos, weight)
+            grad_e = torch.mm(dcos, weight).float().mul_(f)
             if target_vectors is not None:
                 grad_e[owned_rows] += grad_t.unsqueeze(1) * target_vectors[owned_rows].to(grad_e.dtype)
+            else:
+                grad_e[owned_rows] += grad_t.unsqueeze(1) * weight[owned_cols].to(grad_e.dtype)
             grad_e = grad_e.to(embeddings.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(dcos.t(), embeddings.to(weight.dtype))
-        return grad_e, grad_w, None, None, None, None, None, None
+            scaled = (embeddings.float() * f).to(weight.dtype)
+            grad_w = torch.mm(dcos.t(), scaled)
+            if target_vectors is None and owned_rows.numel():
+                rows = grad_t.unsqueeze(1) * embeddings[owned_rows].float()
+                grad_w.index_add_(0, owned_cols, rows.to(grad_w.dtype))
+        return grad_e, grad_w, None, None, None, None, None, None, None
 
 
 def sharded_margin_softmax(
@@ -161,6 +185,7 @@ def sharded_margin_softmax(
     column_ids: torch.Tensor | None = None,
     target_vectors: torch.Tensor | None = None,
     group=None,
+    hardest_ids: bool = False,
 ) -> SoftmaxResult:
     """Cross-entropy of the global batch over columns sharded across the ranks of ``group``.
 
@@ -177,6 +202,11 @@ def sharded_margin_softmax(
         target_vectors: [N, D] optional, normalized; where given, row i's target cosine is
             E_i·target_vectors_i instead of E_i·W[local_target_i] (leave-one-out prototypes). Read
             only on rows this rank owns; takes no gradient.
+        group: the process group the columns are sharded over (default: the world).
+        hardest_ids: also report the id of each row's hardest non-target column
+            (``SoftmaxResult.hardest_id``; doppelganger mining). It costs a third all-reduce (N
+            int64) and a max-with-index pass over the [N, C_r] logits instead of a plain max; off
+            (the default), the step issues exactly two all-reduces and ``hardest_id`` is None.
     """
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
         raise ValueError(f"embeddings {tuple(embeddings.shape)} and weight {tuple(weight.shape)} "
@@ -188,5 +218,6 @@ def sharded_margin_softmax(
     if target_vectors is not None:
         target_vectors = target_vectors.detach()
     out = _ShardedMarginSoftmax.apply(embeddings, weight, local_target.long(), column_mask,
-                                      column_ids, target_vectors, margin, group)
-    return SoftmaxResult(*out)
+                                      column_ids, target_vectors, margin, group, bool(hardest_ids))
+    loss, accuracy, hard_cos, target_cos = out[:4]
+    return SoftmaxResult(loss, accuracy, out[4] if hardest_ids else None, hard_cos, target_cos)

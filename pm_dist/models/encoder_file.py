@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import MODEL_NAMES, build_model
+from pm_dist.files import atomic_path, fsync_dir
+
+from .registry import ALIASES, MODEL_NAMES, build_model, canonical_name
 
 ENCODER_FORMAT = "pm_dist.encoder"
 ENCODER_VERSION = 1
@@ -80,6 +82,8 @@ def save_encoder(path: str | os.PathLike, model: nn.Module, arch: str, embedding
     not discovered at evaluation time.
     """
     path = Path(path)
+    if arch in ALIASES:
+        arch = ALIASES[arch]
     _check_fields(path, arch, embedding_size, image_size)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     reference = _build(path, arch, embedding_size, image_size, device="meta").state_dict()
@@ -104,32 +108,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     Readers see either the old file or the complete new one, never a partial write.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    fsync_dir(path.parent)
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_encoder(
@@ -151,6 +133,11 @@ def load_encoder(
     file, or weights that do not fit the architecture; ``FileNotFoundError`` if it is absent.
     """
     path = Path(path)
+    if arch is not None:
+        try:  # insightface's names (r50, mbf, ...) are accepted
+            arch = canonical_name(arch)
+        except ValueError as e:
+            raise EncoderFileError(path, str(e)) from None
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such encoder file")
     try:

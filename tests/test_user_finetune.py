@@ -1,0 +1,143 @@
+"""The arcface_torch user's path: insightface names, ``model.init_from`` (fine-tuning from an encoder
+file or a ``backbone.pth``), and models taken from checkpoint directories by export and evaluate."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from pm_dist.config import load_config
+from pm_dist.config_io import ConfigError
+from pm_dist.distributed import init_distributed
+from pm_dist.models import EncoderFileError, build_model, canonical_name, load_encoder, save_encoder
+from pm_dist.train import Trainer
+
+BASE = [
+    "data.num_workers=0", "data.image_size=16", "data.num_identities=60",
+    "data.heldout_identities=40", "data.count_median=4", "model.embedding_size=32",
+    "batch.classes_per_batch=8", "batch.images_per_class=2", "head.memory.capacity=32",
+    "run.progress=false", "run.log_every=0", "run.checkpoint_every=0", "optim.warmup_steps=1",
+    "eval.synthetic_pairs=0",
+]
+
+
+def _build(out_dir, overrides, resume="none", fit=False):
+    """A Trainer on this rank; its stdout and the encoder's weights (before or after fit)."""
+    cfg = load_config(None, BASE + [f"run.out_dir={out_dir}"] + overrides)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        trainer = Trainer(cfg, init_distributed(), resume=resume)
+        if fit:
+            trainer.fit()
+        else:
+            trainer.loader.close()
+            trainer.metrics.close()
+    weights = {k: v.detach().float().clone() for k, v in trainer.engine.module.state_dict().items()}
+    return {"stdout": out.getvalue(), "weights": weights, "name": cfg.model.name}
+
+
+# --- insightface names ------------------------------------------------------------------------
+@pytest.mark.parametrize("alias,name", [("r18", "iresnet18"), ("r34", "iresnet34"),
+                                        ("r50", "iresnet50"), ("r100", "iresnet100"),
+                                        ("mbf", "mobilefacenet")])
+def test_insightface_names_in_config(alias, name):
+    assert canonical_name(alias) == name
+    assert load_config(None, [f"model.name={alias}"]).model.name == name
+
+
+def test_unknown_arch_suggests_in_config():
+    with pytest.raises(ConfigError, match="did you mean 'r50'"):
+        load_config(None, ["model.name=r5O"])
+
+
+def test_evaluate_and_export_take_insightface_arch(tmp_path, capsys):
+    from pm_dist.evaluate import main as evaluate
+    from pm_dist.export import main as export
+
+    model = build_model("r18", 64, 16).eval()
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")  # insightface's file: a state dict
+    assert evaluate(["--model", str(tmp_path / "backbone.pth"), "--arch", "r18",
+                     "--embedding-size", "64", "--image-size", "16", "--synthetic",
+                     "--synthetic-pairs", "40", "--synthetic-identities", "20",
+                     "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert export(["--encoder", str(tmp_path / "backbone.pth"), "--arch", "r18",
+                   "--embedding-size", "64", "--image-size", "16", "--out", str(tmp_path / "x")]) == 0
+    assert "iresnet18 D=64 S=16" in capsys.readouterr().out
+    assert export(["--encoder", str(tmp_path / "backbone.pth"), "--arch", "r5O",
+                   "--out", str(tmp_path / "y")]) == 2
+    assert "did you mean 'r50'" in capsys.readouterr().err
+
+
+# --- model.init_from ----------------------------------------------------------------------------
+def test_init_from_insightface_backbone_and_encoder_file(dist_pool, tmp_path):
+    source = build_model("r18", 32, 16)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.uniform_(-0.1, 0.1)
+    torch.save(source.state_dict(), tmp_path / "backbone.pth")
+    [r] = dist_pool(1).run(_build, str(tmp_path / "a"),
+                           ["model.name=r18", f"model.init_from={tmp_path / 'backbone.pth'}"])
+    assert r["name"] == "iresnet18" and "encoder initialised from" in r["stdout"]
+    for k, v in source.state_dict().items():
+        assert torch.equal(r["weights"][k], v.float()), k
+    # a pm_dist encoder file, then a short run from it: its encoder.pt differs from the start
+    save_encoder(tmp_path / "enc.pt", source, "iresnet18", 32, 16)
+    [r] = dist_pool(1).run(_build, str(tmp_path / "b"),
+                           ["model.name=iresnet18", f"model.init_from={tmp_path / 'enc.pt'}"])
+    for k, v in source.state_dict().items():
+        assert torch.equal(r["weights"][k], v.float()), k
+
+
+def test_init_from_mismatch_names_file_and_key(dist_pool, tmp_path):
+    torch.save(build_model("r18", 64, 16).state_dict(), tmp_path / "backbone.pth")
+    with pytest.raises(Exception) as err:  # embedding size 64 in the file, 32 in the config
+        dist_pool(1).run(_build, str(tmp_path / "a"),
+                         ["model.name=r18", f"model.init_from={tmp_path / 'backbone.pth'}"])
+    assert "backbone.pth" in str(err.value) and "fc.weight" in str(err.value)
+    save_encoder(tmp_path / "tiny.pt", build_model("tiny", 32, 16), "tiny", 32, 16)
+    with pytest.raises(Exception, match="holds a tiny encoder, not iresnet18"):
+        dist_pool(1).run(_build, str(tmp_path / "b"),
+                         ["model.name=r18", f"model.init_from={tmp_path / 'tiny.pt'}"])
+    with pytest.raises(ConfigError, match="model.init_from: .*missing.pt does not exist"):
+        load_config(None, [f"model.init_from={tmp_path / 'missing.pt'}"]).preflight(1)
+
+
+def test_init_from_is_ignored_on_resume(dist_pool, tmp_path):
+    run = tmp_path / "run"
+    dist_pool(1).run(_build, str(run), ["run.steps=2"], fit=True)
+    other = build_model("tiny", 32, 16)
+    save_encoder(tmp_path / "other.pt", other, "tiny", 32, 16)
+    [r] = dist_pool(1).run(_build, str(run), ["run.steps=4", f"model.init_from={tmp_path / 'other.pt'}"],
+                           "auto")
+    assert "model.init_from=" in r["stdout"] and "ignored: resuming" in r["stdout"]
+    trained, _ = load_encoder(run / "encoder.pt")
+    for k, v in trained.state_dict().items():  # the checkpoint's weights, not other.pt's
+        assert torch.equal(r["weights"][k], v.float()), k
+
+
+# --- models from checkpoint directories ---------------------------------------------------------
+def test_export_and_evaluate_take_a_checkpoint_directory(dist_pool, tmp_path, capsys):
+    from pm_dist.evaluate import main as evaluate
+    from pm_dist.export import main as export
+
+    run = tmp_path / "run"
+    dist_pool(1).run(_build, str(run), ["run.steps=4", "run.checkpoint_every=2",
+                                        "run.keep_checkpoints=3"], fit=True)
+    final, _ = load_encoder(run / "encoder.pt")
+    # the run's checkpoints/ means its newest: step 4, the same weights as encoder.pt
+    assert export(["--encoder", str(run / "checkpoints"), "--out", str(tmp_path / "x")]) == 0
+    assert "step 4" in capsys.readouterr().out
+    exported, _ = load_encoder(tmp_path / "x" / "backbone.pth", arch="tiny", embedding_size=32,
+                               image_size=16)
+    for k, v in final.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v), k
+    step2 = run / "checkpoints" / "step_00000002"
+    assert evaluate(["--model", str(step2), "--synthetic", "--synthetic-pairs", "40",
+                     "--synthetic-identities", "20", "--out", str(tmp_path / "ev")]) == 0
+    assert evaluate(["--model", str(tmp_path), "--synthetic", "--out", str(tmp_path / "ev2")]) == 2
+    assert "neither a checkpoint" in capsys.readouterr().err
