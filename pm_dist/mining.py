@@ -27,7 +27,16 @@ negative are ignored). Then
 * otherwise age += 1 (saturating at 255).
 
 Setting, confirming or replacing resets age to 0. Age counts the class's own appearances, not
-global steps: ageing every identity each step would cost O(N) per step. A step that is skipped (a
+global steps: ageing every identity each step would cost O(N) per step.
+
+**Mined batches do not confirm themselves.** When c's partner p is in the batch *because the
+sampler mined it for c*, p's prototype (or weight row) is as fresh as c's, while the other
+candidates' may be stale; p then tends to come out hardest whatever the truth, and the table would
+lock in its first guess (measured: planted twins recovered 7 % with self-confirmation, against 21 %
+from random batches). So for such a class, p being hardest is no confirmation: the age grows; a
+*different*, harder candidate still replaces p; and when the age passes ``patience`` with p still
+the hardest, the entry is cleared (−1), so c's next appearance — drawn at random, with no partner
+mined for it — measures its doppelganger afresh. A step that is skipped (a
 non-finite loss or gradient on some rank) changes nothing.
 
 **Sampling**, step t: the sampler draws (1 − f)·P identities at random, then asks the miner for the
@@ -114,30 +123,40 @@ class DoppelgangerTable:
         return self.partner.nbytes + self.cos.nbytes + self.age.nbytes
 
     # ------------------------------------------------------------------------------- update
-    def update(self, step: int, labels=None, hardest_class=None, hardest_cos=None) -> dict:
+    def update(self, step: int, labels=None, hardest_class=None, hardest_cos=None,
+               mined_for=None) -> dict:
         """Observe step ``step`` (must be ``self.steps``); labels None: a skipped step (no change).
-        Returns counts: classes seen, entries set, confirmed, replaced."""
+        ``mined_for``: classes whose partner the sampler put into this batch; their partner being
+        hardest is no confirmation (see the module docstring). Returns counts: classes seen,
+        entries set, confirmed, replaced, cleared."""
         if step != self.steps:
             raise RuntimeError(f"doppelganger table: observed step {step}, expected {self.steps}")
         self.steps += 1
-        counts = dict(seen=0, new=0, confirmed=0, replaced=0)
+        counts = dict(seen=0, new=0, confirmed=0, replaced=0, cleared=0)
         if labels is None:
             self._log.append((step, np.zeros(0, np.int64), np.zeros(0, np.int32)))
             return counts
         classes, cand, cand_cos = hardest_per_class(labels, hardest_class, hardest_cos)
         cur, cur_cos, age = self.partner[classes], self.cos[classes], self.age[classes]
-        confirm = cur == cand
+        same = cur == cand
+        biased = np.zeros(len(classes), bool) if mined_for is None else \
+            np.isin(classes, np.asarray(mined_for, np.int64))
+        confirm = same & ~biased
         empty = cur < 0
-        replace = ~confirm & (empty | (cand_cos > cur_cos) | (age >= self.patience))
-        reset = confirm | replace
-        changed = replace & (cur != cand)
+        expired = age >= self.patience
+        replace = ~same & (empty | (cand_cos > cur_cos) | expired)
+        clear = same & biased & expired  # only ever "confirmed" by its own mined presence
+        reset = confirm | replace | clear
+        changed = replace | clear
         self._log.append((step, classes[changed], cur[changed]))
         self.partner[classes[replace]] = cand[replace]
-        self.cos[classes[reset]] = cand_cos[reset]
+        self.partner[classes[clear]] = -1
+        self.cos[classes[confirm | replace]] = cand_cos[confirm | replace]
+        self.cos[classes[clear]] = 0
         self.age[classes] = np.where(reset, 0, np.minimum(age.astype(np.int32) + 1, _AGE_MAX))
-        self.entries += int(empty.sum())
+        self.entries += int(empty.sum()) - int(clear.sum())
         counts.update(seen=len(classes), new=int(empty.sum()), confirmed=int(confirm.sum()),
-                      replaced=int((replace & ~empty).sum()))
+                      replaced=int((replace & ~empty).sum()), cleared=int(clear.sum()))
         return counts
 
     def start_at(self, step: int) -> None:
@@ -263,7 +282,11 @@ class DoppelgangerMiner:
     # -- the training step's side -------------------------------------------------------------
     def observe(self, embeddings: torch.Tensor, labels: torch.Tensor, out) -> None:
         """Called by the training step right after the head's forward (global batch, every rank)."""
-        if out.hardest_class is None or getattr(out, "hardest_cos", None) is None:
+        if out.hardest_class is None:
+            raise RuntimeError("doppelganger mining needs each row's hardest non-target: the head "
+                               "returned HeadOutput.hardest_class = None although report_hardest "
+                               "is set (a head of your own must honour it; docs/extending.md)")
+        if getattr(out, "hardest_cos", None) is None:  # e.g. a skipped memory step
             self._observed = (embeddings.detach(), labels, None, None)
             return
         self._observed = (embeddings.detach(), labels, out.hardest_class, out.hardest_cos)
@@ -278,12 +301,14 @@ class DoppelgangerMiner:
         if skipped or observed is None or observed[2] is None:
             counts = self.table.update(step)
         else:
-            counts = self.table.update(step, observed[1], observed[2], observed[3])
+            counts = self.table.update(step, observed[1], observed[2], observed[3],
+                                       mined_for=anchor)
         n = self.table.num_classes
         m = {"mining/share_mined": float("nan"), "mining/mutual": float("nan"),
              "mining/cos_mined": float("nan"), "mining/cos_random": float("nan"),
              "mining/entries": self.table.entries / n,
-             "mining/replaced": float(counts["replaced"]), "mining/confirmed": float(counts["confirmed"])}
+             "mining/replaced": float(counts["replaced"]), "mining/confirmed": float(counts["confirmed"]),
+             "mining/cleared": float(counts["cleared"])}
         if observed is None:
             return m
         emb, labels = observed[0], observed[1]

@@ -73,6 +73,19 @@ def test_age_saturates_and_patience_zero_always_takes_the_latest():
     assert t.partners([1]).tolist() == [3]
 
 
+def test_a_partner_mined_into_the_batch_does_not_confirm_itself():
+    t = DoppelgangerTable(10, patience=1)
+    _step(t, 0, {0: (4, 0.5)})
+    t.update(1, [0], [4], [0.6], mined_for=[0])  # 4 was mined for 0: no confirmation, age 1
+    assert (t.partners([0]).tolist(), t.age[0]) == ([4], 1)
+    c = t.update(2, [0], [4], [0.6], mined_for=[0])  # aged past patience, still only self-confirmed
+    assert (t.partners([0]).tolist(), c["cleared"], t.entries) == ([-1], 1, 0)
+    t.update(3, [0], [5], [0.2])  # drawn at random next time: measured afresh
+    assert t.partners([0]).tolist() == [5]
+    t.update(4, [0], [6], [0.3], mined_for=[0])  # a different, harder candidate still replaces
+    assert t.partners([0]).tolist() == [6]
+
+
 def test_partners_as_of_an_earlier_step():
     t = DoppelgangerTable(10, patience=0, history=3)
     states = [t.partner.copy()]
@@ -238,6 +251,13 @@ def test_metrics_of_a_step():
     assert m["mining/entries"] == pytest.approx(0.4)
 
 
+def test_a_head_that_does_not_report_is_named():
+    miner = DoppelgangerMiner(MiningConfig(enabled=True, delay=0), 10)
+    with pytest.raises(RuntimeError, match="hardest_class = None"):
+        miner.observe(torch.zeros(2, 2), torch.tensor([0, 1]),
+                      SimpleNamespace(hardest_class=None, hardest_cos=None))
+
+
 def test_planted_recovery_counts_twins():
     t = DoppelgangerTable(6)
     t.update(0, [0, 1, 2], [1, 4, 3], [0.5, 0.5, 0.5])
@@ -318,7 +338,7 @@ def test_planted_pairs_recovered_and_mined_batches_harder(dist_pool, tmp_path):
     rec = on["recovery"]
     print("recovery on:", rec, "off:", off["recovery"])
     assert rec["filled"] == 1.0
-    assert rec["recovered"] >= 10 * rec["chance"], rec  # measured: ~0.2 vs chance 0.0084
+    assert rec["recovered"] >= 10 * rec["chance"], rec  # measured: 0.22 vs chance 0.0084
     late = slice(50, 100)
     loss_on = _mean([h["loss"] for h in on["history"][late]])
     loss_off = _mean([h["loss"] for h in off["history"][late]])
