@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -177,9 +178,9 @@ class Trainer:
             if preempted is None:
                 self.save()
                 last_eval = self.evaluate()
-                self._sync_replicas()
-                if self.env.is_main:
-                    export_encoder(self.engine.module, self.run_dir, cfg, self.metrics.note)
+                with self._one_encoder():
+                    if self.env.is_main:
+                        export_encoder(self.engine.module, self.run_dir, cfg, self.metrics.note)
         finally:
             stopper.close()
             self.loader.close()
@@ -198,33 +199,44 @@ class Trainer:
         from pm_dist.eval.suites import run_suites
         from pm_dist.evaluate import eval_context, suites_from_config
 
-        self._sync_replicas()
-        model = self.engine.module
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            results = run_suites(model, suites_from_config(self.cfg),
-                                 eval_context(self.cfg, self.device))
-        model.train(was_training)
-        if results:
-            write_report(results, self.run_dir / "eval", step=self.step)
-            self.metrics.log_eval(self.step, results)
-            self.best.update(self.step, results, model)  # eval.best_metric: best_encoder.pt
+        with self._one_encoder():
+            model = self.engine.module
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                results = run_suites(model, suites_from_config(self.cfg),
+                                     eval_context(self.cfg, self.device))
+            model.train(was_training)
+            if results:
+                write_report(results, self.run_dir / "eval", step=self.step)
+                self.metrics.log_eval(self.step, results)
+                self.best.update(self.step, results, model)  # eval.best_metric: best_encoder.pt
         return results
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
-        self._sync_replicas()
-        path = self.checkpoints.save(self.step, self.engine, self.head, self.head_optimizer,
-                                     self.head_scheduler, {"skipped_steps": self.skipped_steps,
-                                                           **self._mining_state()})
+        with self._one_encoder() as own_buffers:
+            path = self.checkpoints.save(
+                self.step, self.engine, self.head, self.head_optimizer, self.head_scheduler,
+                {"skipped_steps": self.skipped_steps, **self._mining_state()},
+                own_buffers=own_buffers)
         self.metrics.note(f"checkpoint: {path}")
         return path
 
-    def _sync_replicas(self) -> None:
+    @contextmanager
+    def _one_encoder(self):
         """Every rank's encoder identical, BatchNorm statistics included (their mean over ranks),
-        before anything reads or writes it as *the* encoder: evaluation, checkpoint, export."""
-        average_buffers(self.engine.module)
+        while evaluation, a checkpoint or the export reads it as *the* encoder; afterwards each
+        rank's own statistics come back, so stopping to save or evaluate does not change the run
+        (a resumed run continues as if it never stopped). Yields this rank's own buffers."""
+        module = self.engine.module
+        own = {k: b.detach().clone() for k, b in module.named_buffers()}
+        average_buffers(module)
+        try:
+            yield own
+        finally:
+            for name, buf in module.named_buffers():
+                buf.data.copy_(own[name])
 
     def _mining_state(self) -> dict:
         """The doppelganger table is replicated: rank 0 saves it, every rank loads that copy."""

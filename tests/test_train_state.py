@@ -70,45 +70,59 @@ def test_a_bf16_run_keeps_fp32_statistics_that_track_an_fp32_run(dist_pool, tmp_
 # ------------------------------------------------------------------ one encoder on every rank
 
 
-def _replicas_after_fit(out_dir, overrides):
+def _replicas_when_read(out_dir, overrides):
+    """The encoder's full state at the moments it is read as *the* encoder: when a checkpoint is
+    written, when the evaluation suites run, when it is exported; and each rank's own statistics
+    just after."""
+    import pm_dist.eval.suites as suites
+    import pm_dist.train as train
+
     cfg = load_config(None, BASE + [f"run.out_dir={out_dir}"] + overrides)
     trainer = Trainer(cfg, init_distributed())
-    seen = []
+    module = trainer.engine.module
+    seen, after = [], []
 
-    def record(label):
-        state = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
-        seen.append((label, trainer.step, state))
+    def state():
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
-    for name in ("save", "evaluate"):  # the encoder each of them reads
-        original = getattr(trainer, name)
-
-        def wrapped(*a, _original=original, _name=name, **kw):
-            result = _original(*a, **kw)
-            record(_name)
+    def recording(label, fn):
+        def wrapped(*a, **kw):
+            seen.append((label, trainer.step, state()))
+            result = fn(*a, **kw)
+            after.append(state())
             return result
+        return wrapped
 
-        setattr(trainer, name, wrapped)
-    trainer.fit()
-    record("export")
-    return seen
+    trainer.checkpoints.save = recording("save", trainer.checkpoints.save)
+    run_suites, export = suites.run_suites, train.export_encoder
+    suites.run_suites = recording("evaluate", run_suites)
+    train.export_encoder = recording("export", export)
+    try:
+        trainer.fit()
+    finally:
+        suites.run_suites, train.export_encoder = run_suites, export
+    return seen, after, state()
 
 
 def test_every_rank_holds_the_same_encoder_buffers_included_at_save_eval_and_export(dist_pool,
                                                                                    tmp_path):
-    results = dist_pool(2).run(_replicas_after_fit, str(tmp_path),
+    results = dist_pool(2).run(_replicas_when_read, str(tmp_path),
                                ["run.steps=6", "run.checkpoint_every=2", "run.eval_every=3",
                                 "eval.synthetic_pairs=100"])
-    r0, r1 = results
-    assert [(label, step) for label, step, _ in r0] == [
+    (seen0, after0, end0), (seen1, after1, end1) = results
+    assert [(label, step) for label, step, _ in seen0] == [
         ("save", 2), ("evaluate", 3), ("save", 4), ("save", 6), ("evaluate", 6), ("export", 6)]
-    for (label, step, a), (_, _, b) in zip(r0, r1):
+    assert [(label, step) for label, step, _ in seen1] == [
+        ("save", 2), ("evaluate", 3), ("save", 4), ("save", 6), ("evaluate", 6)]  # rank 0 exports
+    for (label, step, a), (_, _, b) in zip(seen0, seen1):
         for k in a:
             assert torch.equal(a[k], b[k]), (label, step, k)
-    # the statistics were averaged, not left as rank 0's: training continued between the points
+    # the read copy is the mean of the ranks' statistics; each rank then trains on with its own
+    key = next(k for k in end0 if k.endswith("running_var"))
+    torch.testing.assert_close(seen0[-2][2][key], (end0[key] + end1[key]) / 2)
+    assert not torch.equal(end0[key], end1[key])
     saved = torch.load(tmp_path / "encoder.pt", weights_only=False)
-    state = saved.get("state_dict", saved)
-    key = next(k for k in state if k.endswith("running_var"))
-    torch.testing.assert_close(state[key].float(), r0[-1][2][key].float())
+    torch.testing.assert_close(saved["state_dict"][key].float(), seen0[-1][2][key].float())
 
 
 # ------------------------------------------------------------------ per-rank randomness

@@ -43,12 +43,14 @@ class CheckpointManager:
         self.parent = meta.get("id") if meta else None
         return ckpt, meta
 
-    def save(self, step: int, engine, head, head_optimizer, head_scheduler, rank_extra: dict) -> Path:
-        """Collective: every rank calls it at the same step."""
+    def save(self, step: int, engine, head, head_optimizer, head_scheduler, rank_extra: dict,
+             own_buffers: dict | None = None) -> Path:
+        """Collective: every rank calls it at the same step. ``own_buffers``: this rank's BatchNorm
+        statistics when the module's are the ranks' mean at the moment (``Trainer.save``)."""
         head_state = {"head": head.shard_state(head_optimizer), "name": self.cfg.head.name,
                       "world_size": self.env.world_size, "rank": self.env.rank}
-        # DeepSpeed saves rank 0's module; buffers (BatchNorm statistics) are per rank.
-        buffers = {k: v.clone() for k, v in engine.module.named_buffers()}
+        # DeepSpeed saves rank 0's module (the model); a rank's own buffers resume it exactly.
+        buffers = own_buffers or {k: v.clone() for k, v in engine.module.named_buffers()}
         rank_state = {"rng": rng_state(), "buffers": buffers, **rank_extra}
         if head_scheduler is not None:
             rank_state["head_scheduler"] = head_scheduler.state_dict()
