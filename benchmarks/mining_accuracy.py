@@ -7,7 +7,8 @@ accuracy with mining off and on (f = ``--fraction``), the table's planted-pair r
 steps' mined share and loss, then the mean per head. Every number is printed, whichever way it goes.
 
     python -m benchmarks.mining_accuracy                       # all heads, seeds 0 1 (CPU: minutes)
-    python -m benchmarks.mining_accuracy --heads prototype_memory --steps 300 --out bench_out/mining.json
+    python -m benchmarks.mining_accuracy --heads prototype_memory --steps 300 \
+        --out bench_out/mining.json
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import time
 
 def _overrides(args, head: str, seed: int, mining: bool, out_dir: str) -> list[str]:
     return [
-        f"run.out_dir={out_dir}", f"run.seed={seed}", f"data.seed={seed}", f"run.steps={args.steps}",
+        f"run.out_dir={out_dir}", f"run.seed={seed}", f"data.seed={seed}",
+        f"run.steps={args.steps}",
         "run.progress=false", "run.log_every=0", "run.checkpoint_every=0",
         "data.num_workers=0", f"data.image_size={args.image_size}",
         f"data.num_identities={args.identities}", "data.heldout_identities=300",
@@ -96,8 +98,8 @@ def main(argv=None) -> int:
     for head in args.heads:
         deltas = []
         for seed in args.seeds:
-            off = next(r for r in rows if (r["head"], r["seed"], r["mining"]) == (head, seed, False))
-            on = next(r for r in rows if (r["head"], r["seed"], r["mining"]) == (head, seed, True))
+            off, on = (next(r for r in rows if (r["head"], r["seed"], r["mining"]) == (head, seed, m))
+                       for m in (False, True))
             d = on["accuracy"] - off["accuracy"]
             deltas.append(d)
             print(f"{head:<18}{seed:>5}{off['accuracy']:>9.4f}{on['accuracy']:>9.4f}{d:>+8.4f}"

@@ -1,4 +1,4 @@
-"""Doppelganger mining: every identity's current look-alike, and batches that put look-alikes together.
+"""Doppelganger mining: each identity's current look-alike, and batches that put look-alikes together.
 
 The softmax already finds, for every row of the global batch, its hardest non-target column: the
 class whose weight or prototype is closest to the row's embedding (``HeadOutput.hardest_class`` and
@@ -109,7 +109,8 @@ class DoppelgangerTable:
     def __init__(self, num_classes: int, patience: int = 8, history: int = 0):
         if num_classes < 1:
             raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
-        self.num_classes, self.patience, self.history = int(num_classes), int(patience), int(history)
+        self.num_classes, self.patience = int(num_classes), int(patience)
+        self.history = int(history)
         self.partner = np.full(self.num_classes, -1, np.int32)
         self.cos = np.zeros(self.num_classes, np.float16)
         self.age = np.zeros(self.num_classes, np.uint8)
@@ -307,7 +308,8 @@ class DoppelgangerMiner:
         m = {"mining/share_mined": float("nan"), "mining/mutual": float("nan"),
              "mining/cos_mined": float("nan"), "mining/cos_random": float("nan"),
              "mining/entries": self.table.entries / n,
-             "mining/replaced": float(counts["replaced"]), "mining/confirmed": float(counts["confirmed"]),
+             "mining/replaced": float(counts["replaced"]),
+             "mining/confirmed": float(counts["confirmed"]),
              "mining/cleared": float(counts["cleared"])}
         if observed is None:
             return m

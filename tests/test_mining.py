@@ -16,7 +16,7 @@ from pm_dist.config_io import ConfigError
 from pm_dist.data.config import DataConfig
 from pm_dist.data.loader import build_train_loader
 from pm_dist.mining import (BYTES_PER_IDENTITY, DoppelgangerMiner, DoppelgangerTable, MiningConfig,
-                            attach, hardest_per_class, planted_recovery)
+                            hardest_per_class, planted_recovery)
 
 
 # ------------------------------------------------------------------------------ the table
@@ -119,7 +119,7 @@ def test_config_section_validation_and_removed_key():
         load_config(None, ["mining.fraction=1.5"])
     with pytest.raises(ConfigError, match="patience must be in"):
         load_config(None, ["mining.patience=300"])
-    with pytest.raises(ConfigError, match="mining.delay=2 is smaller than the loader's look-ahead of 4"):
+    with pytest.raises(ConfigError, match="mining.delay=2 is smaller than the loader's look-ahead"):
         load_config(None, ["mining.enabled=true", "mining.delay=2"])  # 2 workers × prefetch 2
     load_config(None, ["mining.enabled=true", "mining.delay=0", "data.num_workers=0"])
     load_config(None, ["mining.delay=0"])  # off: not checked
@@ -157,7 +157,8 @@ def _mined_run(cfg: DataConfig, mining: MiningConfig, steps: int, start=0, state
     P, K = 16, 2
     loaders = [build_train_loader(cfg, P, K, r, W, start_step=start, sync_errors=False)
                for r in range(W)]
-    miner = DoppelgangerMiner(mining, loaders[0].dataset.num_classes, counts=loaders[0].dataset.counts)
+    dataset = loaders[0].dataset
+    miner = DoppelgangerMiner(mining, dataset.num_classes, counts=dataset.counts)
     for ld in loaders:
         mining.check_lookahead(ld.lookahead)
         ld.sampler.set_proposer(miner.propose, mining.fraction)
