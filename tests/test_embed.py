@@ -4,7 +4,6 @@ same at any world size; a bad image named."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pm_dist.distributed import get_rank, get_world_size
 from pm_dist.heads.fc import FullFC, PartialFC, class_range
 from pm_dist.heads.margin import Margin
 from reference import margin_cross_entropy

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pm_dist.distributed import gather_embeddings, get_rank, get_world_size
+from pm_dist.distributed import gather_embeddings, get_rank
 from pm_dist.heads.base import ShardFiles
 from pm_dist.heads.margin import Margin
 from pm_dist.heads.memory import STATE_FORMAT, MemoryConfig, PrototypeMemory
@@ -223,7 +223,7 @@ def test_bf16_storage_within_loose_tolerance(dist_pool):
 # ------------------------------------------------------------------- split class, gathered batch
 def _rank_split_class(seed):
     """Rank r encodes its own rows; class 7's exemplars sit on both ranks."""
-    rank, world = get_rank(), get_world_size()
+    rank = get_rank()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(8, DIM, generator=g)
     labels = torch.tensor([7, 3, 7, 4, 7, 3, 4, 7])  # rows 0–3 on rank 0, 4–7 on rank 1

@@ -13,7 +13,7 @@ import torch
 from pm_dist.config import load_config
 from pm_dist.config_io import ConfigError
 from pm_dist.distributed import init_distributed
-from pm_dist.models import EncoderFileError, build_model, canonical_name, load_encoder, save_encoder
+from pm_dist.models import build_model, canonical_name, load_encoder, save_encoder
 from pm_dist.train import Trainer
 
 BASE = [

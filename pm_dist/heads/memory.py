@@ -40,7 +40,6 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pm_dist.distributed import all_gather_rows, get_rank, get_world_size
 from pm_dist.heads.base import Head, HeadOutput, ShardFiles, check_labels, class_range
