@@ -72,7 +72,8 @@ def _fill_memory(head, torch):
         head.slot_class[:k] = index * world + rank
         head.refreshed[:k] = 0
         head.inserted[:k] = 0
-        head.table[index] = torch.arange(k, dtype=torch.int32)
+        head.table[index.to(head.table.device)] = torch.arange(k, dtype=torch.int32,
+                                                              device=head.table.device)
     head.step = 1
 
 
@@ -95,8 +96,8 @@ def run_case(args) -> None:
     margin = Margin()
     head_bytes = {}
     if args.head == "prototype_memory":
-        head = PrototypeMemory(d, MemoryConfig(capacity=args.capacity, num_classes=n), margin,
-                               device=device)
+        head = PrototypeMemory(d, MemoryConfig(capacity=args.capacity, num_classes=n,
+                                               dtype=args.dtype), margin, device=device)
         _fill_memory(head, torch)
         head_bytes = {name: getattr(head, name).nbytes
                       for name in ("protos", "slot_class", "refreshed", "inserted", "table")}
@@ -151,10 +152,12 @@ def run_case(args) -> None:
 
     # the floor: the same products at the same shapes, into buffers allocated once
     g = torch.Generator().manual_seed(7 + rank)
-    fe = torch.nn.functional.normalize(torch.randn(b, d, generator=g)).to(device)
-    fw = torch.nn.functional.normalize(torch.randn(columns, d, generator=g)).to(device)
-    logits = torch.empty(b, columns, device=device)
-    grad_e = torch.empty(b, d, device=device)
+    # the products run in the head's matmul dtype: the prototypes' (``--dtype``) or fp32 weights
+    mm_dtype = head.protos.dtype if args.head == "prototype_memory" else torch.float32
+    fe = torch.nn.functional.normalize(torch.randn(b, d, generator=g)).to(device, mm_dtype)
+    fw = torch.nn.functional.normalize(torch.randn(columns, d, generator=g)).to(device, mm_dtype)
+    logits = torch.empty(b, columns, device=device, dtype=mm_dtype)
+    grad_e = torch.empty(b, d, device=device, dtype=mm_dtype)
     learned = optimizer is not None
     if learned:
         fparam = torch.nn.Parameter(fw.clone())
@@ -197,6 +200,7 @@ def run_case(args) -> None:
         row = {
             "head": args.head, "world_size": world, "identities": n, "batch": b, "dim": d,
             "capacity": args.capacity if args.head == "prototype_memory" else None,
+            "dtype": args.dtype if args.head == "prototype_memory" else "float32",
             "sample_rate": args.sample_rate if args.head == "partial_fc" else None,
             "columns_per_rank": columns, "threads": args.threads, "device": str(device),
             "step_s": statistics.median(heads), "floor_s": statistics.median(floors),
@@ -239,6 +243,11 @@ def estimate_bytes(head: str, n: int, world: int, b: int, d: int, capacity: int,
 
 
 def available_bytes() -> int:
+    """Free memory of the device the cases will run on: the GPU's when CUDA is there."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
     try:
         import psutil
         return int(psutil.virtual_memory().available)
@@ -254,7 +263,7 @@ def launch(case: dict, args, tmp: str) -> dict:
            f"--nproc_per_node={case['world']}", "-m", "benchmarks.head_scaling", "--case",
            "--result", str(result), "--head", case["head"], "--identities", str(case["identities"])]
     for name in ("batch", "dim", "capacity", "sample_rate", "per_class", "warmup", "repeats",
-                 "threads"):
+                 "threads", "dtype"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if args.src:  # another checkout's pm_dist (before/after comparisons)
@@ -353,6 +362,9 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=128, help="embedding size D")
     p.add_argument("--capacity", type=int, default=16384, help="Prototype Memory capacity M")
     p.add_argument("--sample-rate", type=float, default=0.1, help="Partial FC")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="Prototype Memory's storage and matmul dtype (the learned heads' weights "
+                        "stay fp32, as in training)")
     p.add_argument("--per-class", type=int, default=4, help="images per identity in a batch")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -410,7 +422,7 @@ def main(argv=None) -> int:
               f"×{row['ratio']:.2f}, peak {_si(row['peak_memory_bytes'])}/rank", flush=True)
     report = {"machine": machine(), "command": " ".join(["python -m benchmarks.head_scaling"]
                                                         + (argv if argv is not None else sys.argv[1:])),
-              "settings": {k: getattr(args, k) for k in ("batch", "dim", "capacity", "sample_rate",
+              "settings": {k: getattr(args, k) for k in ("batch", "dim", "capacity", "sample_rate", "dtype",
                                                           "per_class", "warmup", "repeats",
                                                           "threads", "src")},
               "rows": rows}
@@ -418,7 +430,8 @@ def main(argv=None) -> int:
     print(table)
     (out_dir / "head_scaling.json").write_text(json.dumps(report, indent=1))
     (out_dir / "head_scaling.md").write_text(
-        f"`{report['command']}` on {report['machine']['cpu']} ({report['machine']['cores']} cores), "
+        f"`{report['command']}` on {report['machine']['gpu'] or report['machine']['cpu']} "
+        f"({report['machine']['cpu']}, {report['machine']['cores']} cores), "
         f"torch {report['machine']['torch']}\n\n{table}\n")
     for path in plots(rows, out_dir):
         print(f"wrote {path}")

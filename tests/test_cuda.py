@@ -19,8 +19,10 @@ pytestmark = pytest.mark.cuda
 
 
 def _softmax_step(device, dtype, emb, weight, labels):
-    e = emb.to(device, dtype).requires_grad_(True)
-    w = weight.to(device, dtype).requires_grad_(True)
+    # clone: on the CPU in fp32 ``.to`` returns the caller's tensor itself, and marking it as
+    # requiring grad would make the next call's copy a non-leaf
+    e = emb.to(device, dtype).clone().requires_grad_(True)
+    w = weight.to(device, dtype).clone().requires_grad_(True)
     res = sharded_margin_softmax(e, w, labels.to(device), Margin(s=64, m1=1, m2=0.5, m3=0),
                                  hardest_ids=True)
     res.loss.backward()

@@ -251,7 +251,9 @@ class PrototypeMemory(Head):
         time = self.refreshed if self.config.eviction == "oldest_refresh" else self.inserted
         key = time * n + self.slot_class  # unique per occupied slot: class ids are unique
         key = key.masked_fill((self.slot_class < 0) | (self.refreshed >= step), _INT64_MAX)
-        return torch.topk(key, count, largest=False, sorted=False).indices
+        # sorted: the victims' order decides which new class lands in which slot, and unsorted
+        # top-k orders differ between devices (CPU and CUDA would fill the memory differently)
+        return torch.topk(key, count, largest=False, sorted=True).indices
 
     # ------------------------------------------------------------------------ statistics, skip
     def _stats(self, step: int, batch_classes, hits, evictions, forgotten, target_age,
@@ -404,7 +406,7 @@ class PrototypeMemory(Head):
             return torch.arange(total, device=got["slot_class"].device)
         time = got["refreshed"] if self.config.eviction == "oldest_refresh" else got["inserted"]
         key = time * self.config.num_classes + got["slot_class"]
-        return torch.topk(key, room, largest=True, sorted=False).indices
+        return torch.topk(key, room, largest=True, sorted=True).indices  # device-independent
 
     def _check_shard(self, state) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
