@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import machine, pyplot
+
 HEADS = ("prototype_memory", "full_fc", "partial_fc")
 LABELS = {"prototype_memory": "Prototype Memory", "full_fc": "Full FC", "partial_fc": "Partial FC"}
 BUCKETS = ("rare", "middle", "frequent")
@@ -290,13 +292,13 @@ def _fmt(m, s, digits=3):
     return "–" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def report(rows: list[dict], out_dir: Path, machine: str = "") -> str:
+def report(rows: list[dict], machine_line: str = "") -> str:
     """Markdown: per (head, N, variant) the mean over seeds ± half the range; staleness table."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["head"], r["identities"], r["steps"], tuple(r.get("extra") or [])),
                           []).append(r)
-    lines = [f"Machine: {machine}" if machine else "",
+    lines = [f"Machine: {machine_line}" if machine_line else "",
              "| head | N | steps | columns/step | options | seeds | verification acc. | TAR@FAR=1e-3 | "
              "TAR@FAR=1e-4 | rank-1 | loss first → last | s/run |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -338,12 +340,8 @@ def _tar(r, far):
 
 
 def plots(rows: list[dict], out_dir: Path) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not importable (pip install -e .[bench]): no PNG plots")
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     if not rows:
@@ -400,23 +398,14 @@ def plots(rows: list[dict], out_dir: Path) -> list[str]:
     return written
 
 
-def machine() -> str:
-    import platform
-
-    import torch
-
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return f"{gpu + ', ' if gpu else ''}{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+def machine_text() -> str:
+    m = machine()
+    return (f"{m['gpu'] + ', ' if m['gpu'] else ''}{m['cpu']}, {m['cores']} cores, "
+            f"torch {m['torch']}")
 
 
-def _write_report(rows, out_dir: Path, command: str, machine_text: str) -> None:
-    table = report(rows, out_dir, machine_text)
+def _write_report(rows, out_dir: Path, command: str, machine_line: str) -> None:
+    table = report(rows, machine_line)
     text = f"`{command}`\n\n{table}\n"
     (out_dir / "accuracy.md").write_text(text)
     print(text)
@@ -472,11 +461,11 @@ def main(argv=None) -> int:
     variants = {"tune": tuning_variants, "grid": lambda head: [("", [])],
                 "sweep": pm_option_variants(int(args.identities[0]))}[args.mode]
     cases = _cases(args, args.heads, args.identities, args.seeds, variants)
-    print(f"{len(cases)} runs, {args.jobs} at a time, on {machine()}", flush=True)
+    print(f"{len(cases)} runs, {args.jobs} at a time, on {machine_text()}", flush=True)
     tick = time.perf_counter()
     rows = launch(cases, args.jobs, args.threads, out_dir / "results.jsonl")
     print(f"{len(rows)}/{len(cases)} runs in {time.perf_counter() - tick:.0f} s", flush=True)
-    _write_report(rows, out_dir, command, machine())
+    _write_report(rows, out_dir, command, machine_text())
     return 0 if len(rows) == len(cases) else 1
 
 

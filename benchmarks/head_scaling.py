@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -44,6 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import machine, pyplot
 
 HEADS = ("prototype_memory", "full_fc", "partial_fc")
 LABELS = {"prototype_memory": "Prototype Memory", "full_fc": "Full FC", "partial_fc": "Partial FC"}
@@ -303,12 +304,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plots(rows: list[dict], out_dir: Path) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not importable (pip install -e .[bench]): no PNG plots")
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     for key, ylabel, name in (("step_s", "seconds per head step", "time"),
@@ -332,20 +329,6 @@ def plots(rows: list[dict], out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append(str(path))
     return written
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def main(argv=None) -> int:
