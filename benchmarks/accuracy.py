@@ -150,7 +150,7 @@ def run_case(case: dict) -> dict:
     step.head_observer = tracker
     result = trainer.fit()
     res = {k: case[k] for k in ("head", "identities", "seed", "columns", "steps", "P", "tag",
-                                 "extra")}
+                                 "extra", "variant")}
     res["seconds"] = time.perf_counter() - tick
     res["device"] = str(env.device)
     for r in result["eval"]:
@@ -232,6 +232,7 @@ def _cases(args, heads, identities, seeds, variants) -> list[dict]:
         for name, extra in variants(head):
             tag = (f"{head}-N{n:.0e}-s{seed}-t{args.steps}" + (f"-{name}" if name else ""))
             cases.append(dict(head=head, identities=int(n), seed=seed, columns=args.columns,
+                              variant=name,
                               steps=args.steps, P=args.P, pairs=args.pairs, workers=args.workers,
                               extra=list(args.extra) + _head_extra(args, head) + list(extra),
                               tag=tag, out_dir=str(Path(args.out_dir) / "runs" / tag)))
@@ -296,14 +297,15 @@ def report(rows: list[dict], machine_line: str = "") -> str:
     """Markdown: per (head, N, variant) the mean over seeds ± half the range; staleness table."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["head"], r["identities"], r["steps"], tuple(r.get("extra") or [])),
-                          []).append(r)
+        groups.setdefault((r["head"], r["identities"], r["steps"], r.get("variant") or "",
+                           tuple(r.get("extra") or [])), []).append(r)
     lines = [f"Machine: {machine_line}" if machine_line else "",
              "| head | N | steps | columns/step | options | seeds | verification acc. | TAR@FAR=1e-3 | "
              "TAR@FAR=1e-4 | rank-1 | loss first → last | s/run |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    order = sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0], kv[0][3]))
-    for (head, n, steps, extra), rs in order:
+    order = sorted(groups.items(), key=lambda kv: (kv[0][3] != "", kv[0][1], kv[0][2], kv[0][0],
+                                                   kv[0][3], kv[0][4]))
+    for (head, n, steps, variant, extra), rs in order:
         cols = n if head == "full_fc" else min(rs[0]["columns"], n)
         acc = _mean_spread([r.get("accuracy") for r in rs])
         tar3 = _mean_spread([_tar(r, 1e-3) for r in rs])
@@ -311,14 +313,14 @@ def report(rows: list[dict], machine_line: str = "") -> str:
         r1 = _mean_spread([r.get("rank1") for r in rs])
         loss = (statistics.fmean(r["loss_first"] for r in rs), statistics.fmean(r["loss_late"] for r in rs))
         secs = statistics.fmean(r["seconds"] for r in rs)
-        lines.append(f"| {LABELS[head]} | {n:.0e} | {steps} | {cols} | {' '.join(extra) or 'default'} | "
+        lines.append(f"| {LABELS[head]} | {n:.0e} | {steps} | {cols} | {_options(variant, extra)} | "
                      f"{len(rs)} | {_fmt(*acc)} | {_fmt(*tar3)} | {_fmt(*tar4)} | {_fmt(*r1)} | "
                      f"{loss[0]:.1f} → {loss[1]:.1f} | {secs:.0f} |")
     lines += ["", "Staleness of the columns when used (steps; mean over seeds; rare / middle / "
               "frequent identities):", "",
               "| head | N | steps | options | targets | negatives since update | negatives since positive |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
-    for (head, n, steps, extra), rs in order:
+    for (head, n, steps, variant, extra), rs in order:
         cells = []
         for key in ("target", "negative_update", "negative_positive"):
             per = []
@@ -326,9 +328,14 @@ def report(rows: list[dict], machine_line: str = "") -> str:
                 v = [r["staleness"][key][b] for r in rs if r["staleness"][key][b] is not None]
                 per.append(f"{statistics.fmean(v):.0f}" if v else "–")
             cells.append(" / ".join(per))
-        lines.append(f"| {LABELS[head]} | {n:.0e} | {steps} | {' '.join(extra) or 'default'} | "
+        lines.append(f"| {LABELS[head]} | {n:.0e} | {steps} | {_options(variant, extra)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _options(variant: str, extra) -> str:
+    text = " ".join(f"`{e}`" for e in extra) or "defaults"
+    return f"**{variant}**: {text}" if variant else text
 
 
 def _tar(r, far):
@@ -346,7 +353,10 @@ def plots(rows: list[dict], out_dir: Path) -> list[str]:
     written = []
     if not rows:
         return written
-    steps = statistics.mode(r["steps"] for r in rows)  # the grid's runs, not longer schedules
+    rows = [r for r in rows if not r.get("variant")]  # the grid's runs, not a sweep's
+    if not rows:
+        return written
+    steps = statistics.mode(r["steps"] for r in rows)  # not longer schedules
     rows = [r for r in rows if r["steps"] == steps]
     fig, ax = plt.subplots(figsize=(6, 4))
     for head in HEADS:
@@ -441,6 +451,10 @@ def main(argv=None) -> int:
         q.add_argument("--head-extra", nargs="*", default=[],
                        help="HEAD:key=value overrides for one head's runs (its tuned settings)")
         q.add_argument("--out-dir", default=f"bench_out/accuracy_{mode}")
+        if mode == "grid":
+            q.add_argument("--pm-sweep-at", type=float, default=None, metavar="N",
+                           help="queue the Prototype Memory option sweep at N after the grid "
+                                "(one queue: what matters most runs first)")
     q = sub.add_parser("report")
     q.add_argument("results", nargs="+", help="results.jsonl files")
     q.add_argument("--out-dir", default=None)
@@ -461,6 +475,10 @@ def main(argv=None) -> int:
     variants = {"tune": tuning_variants, "grid": lambda head: [("", [])],
                 "sweep": pm_option_variants(int(args.identities[0]))}[args.mode]
     cases = _cases(args, args.heads, args.identities, args.seeds, variants)
+    if args.mode == "grid" and args.pm_sweep_at:
+        n = int(args.pm_sweep_at)
+        cases += _cases(args, ["prototype_memory"], [n], args.seeds,
+                        lambda head: [v for v in pm_option_variants(n)(head) if v[0] != "default"])
     print(f"{len(cases)} runs, {args.jobs} at a time, on {machine_text()}", flush=True)
     tick = time.perf_counter()
     rows = launch(cases, args.jobs, args.threads, out_dir / "results.jsonl")
