@@ -1,5 +1,5 @@
 """ROC-style line plots as PNG: drawn with matplotlib when it is installed (``pip install
-'pm_dist[plot]'``, or any matplotlib), else with Pillow alone (a dependency), so a report never
+matplotlib``; pm_dist's ``bench`` extra has it), else with Pillow alone (a dependency), so a report never
 needs matplotlib.
 
 Log-scaled x axis by default (FAR / FPIR from the smallest measurable value to 1), linear y axis,
@@ -59,8 +59,8 @@ def plot_backend(backend: str | None = None) -> str:
         import matplotlib  # noqa: F401
     except ImportError:
         if backend == "matplotlib":
-            raise ImportError("the matplotlib plot backend needs matplotlib: pip install "
-                              "'pm_dist[plot]' (or pip install matplotlib)") from None
+            raise ImportError("the matplotlib plot backend needs matplotlib: "
+                              "pip install matplotlib") from None
         return "pillow"
     return "matplotlib"
 
