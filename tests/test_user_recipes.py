@@ -118,3 +118,18 @@ def test_epochs_resume_on_another_world_size(dist_pool, tmp_path):
     assert (one["steps"], one["warmup"]) == (total, two[0]["warmup"]) and one["final_step"] == total
     assert f"run.epochs=0.5 → run.steps={total}" in one["stdout"]
     assert "resumed from" in one["stdout"]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_comment_says_how_to_count_in_epochs(name, monkeypatch):
+    """The overrides the recipe's comment gives resolve to the recipe's own steps."""
+    import re
+
+    monkeypatch.chdir(ROOT)
+    images, epochs, warmup, _ = RECIPES[name]
+    path = ROOT / "configs" / f"{name}.yaml"
+    [line] = re.findall(r"^#   (run\.steps=null run\.epochs=.*)$", path.read_text(), flags=re.M)
+    cfg, by_epochs = load_config(str(path)), load_config(str(path), line.split())
+    assert (by_epochs.run.epochs, by_epochs.optim.warmup_epochs) == (epochs, warmup)
+    resolve_epochs(by_epochs, images)
+    assert (by_epochs.run.steps, by_epochs.optim.warmup_steps) == (cfg.run.steps, cfg.optim.warmup_steps)
