@@ -388,3 +388,88 @@ def test_data_config_defaults_as_data_md_states():
     for flag, value in re.findall(r"`(--[a-z-]+)` \[([^\]]+)\]", text):
         action = next(a for a in rec._actions if flag in a.option_strings)
         assert action.default == ast.literal_eval(value), flag
+
+
+# --- links --------------------------------------------------------------------------------------
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    out = set()
+    for heading in re.findall(r"^#+ (.*)$", _prose(text), flags=re.M):
+        out.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return out
+
+
+def test_relative_links_and_anchors_resolve():
+    checked = 0
+    for f in FILES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _prose(TEXT[f])):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (ROOT / f).parent / path if path else ROOT / f
+            assert file.exists(), f"{f}: link to {target}: no such file"
+            if anchor:
+                assert anchor in _anchors(file.read_text()), f"{f}: link to {target}: no such heading"
+            checked += 1
+    assert checked >= 10
+
+
+# --- docs/training.md's tables ----------------------------------------------------------------
+def _table(text: str, start: str, end: str) -> list[list[str]]:
+    part = text[text.index(start):text.index(end)]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in part.splitlines() if line.startswith("|")]
+    return rows[2:]  # past the header and its rule
+
+
+def _names_under(cls) -> set[str]:
+    """Keys and the Literal choices of every key below a config section."""
+    import dataclasses
+    import typing
+
+    names, stack = set(), [cls]
+    while stack:
+        node = stack.pop()
+        for key, hint in typed_keys(node).items():
+            names.add(key)
+            for arg in (hint, *typing.get_args(hint)):
+                if dataclasses.is_dataclass(arg):
+                    stack.append(arg)
+                if typing.get_origin(arg) is typing.Literal:
+                    names.update(map(str, typing.get_args(arg)))
+    return names
+
+
+def test_config_tree_table_names_real_keys():
+    from pm_dist.models import MODEL_NAMES
+
+    rows = _table(TEXT["docs/training.md"], "### The config tree", "### Overrides")
+    assert [r[0].strip("`") for r in rows] == list(SECTIONS)
+    # values a key takes that the types do not list (free strings checked by validate())
+    values = set(MODEL_NAMES) | {"synthetic", "arrow", "uniform", "count", "prototype_memory"}
+    for row in rows:
+        section = row[0].strip("`")
+        known = _names_under(typed_keys(RunConfig)[section]) | values
+        for token in re.findall(r"`([^`]+)`", row[1]):
+            if "." in token:  # a full key: test_config_keys_named_in_the_docs_exist
+                continue
+            first, *rest = token.split("/")
+            assert first in known and all(r.isdigit() for r in rest), f"{section}: `{token}`"
+
+
+def test_recipe_table_matches_the_recipes(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    rows = _table(TEXT["docs/training.md"], "### Recipes", "`cpu_demo.yaml` is the embedded")
+    assert sorted(r[0].strip("`") for r in rows) == sorted(
+        f"configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml"))
+    heads = {"prototype_memory": "Prototype Memory", "partial_fc": "Partial FC", "full_fc": "Full FC"}
+    for path, _data, encoder, head, _gpus in rows:
+        cfg = load_config(path.strip("`"))
+        assert heads[cfg.head.name] in head, path
+        if cfg.head.name == "prototype_memory":
+            assert f"{cfg.head.options.capacity:,}" in head, path
+        if cfg.head.name == "partial_fc":
+            assert f"sample rate {cfg.head.options.sample_rate:g}" in head, path
+        arch = {"iresnet50": "IResNet-50", "iresnet100": "IResNet-100"}.get(cfg.model.name,
+                                                                          f"`{cfg.model.name}`")
+        assert arch in encoder, path

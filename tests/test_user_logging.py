@@ -111,6 +111,22 @@ def test_epochs_log_wandb_and_best_model(dist_pool, tmp_path, monkeypatch):
     _, meta = load_encoder(run / "best_encoder.pt")
     assert (meta["step"], meta["metric"]) == (best_step, "synthetic-pairs/accuracy")
     assert meta["value"] == pytest.approx(best["value"])
+    # docs/training.md's run directory table names everything the run left, and the step keys
+    _run_directory_as_documented(run)
+
+
+def _run_directory_as_documented(run: Path):
+    import re
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    table = text[text.index("## The run directory"):text.index("### Export and evaluation afterwards")]
+    documented = {p.rstrip("/") for row in re.findall(r"^\| (.*?) \|", table, flags=re.M)
+                  for p in re.findall(r"`([^`]+)`", row)}
+    assert {p.name for p in run.iterdir()} <= documented
+    row = next(r for r in table.splitlines() if r.startswith("| `metrics.jsonl`"))
+    keys = set(re.findall(r"`(\w+)`", row))
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {k for k in first if "/" not in k} == keys and any(k.startswith("head/") for k in first)
 
 
 @pytest.fixture(autouse=True)
