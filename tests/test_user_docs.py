@@ -473,3 +473,68 @@ def test_recipe_table_matches_the_recipes(monkeypatch):
         arch = {"iresnet50": "IResNet-50", "iresnet100": "IResNet-100"}.get(cfg.model.name,
                                                                           f"`{cfg.model.name}`")
         assert arch in encoder, path
+
+
+# --- Python signatures quoted in the text -------------------------------------------------------
+SIGNATURES = {  # the name as the docs write it → where it lives
+    "load_any_encoder": "pm_dist.models.loading.load_any_encoder",
+    "save_encoder": "pm_dist.models.save_encoder",
+    "load_encoder": "pm_dist.models.load_encoder",
+    "export_onnx": "pm_dist.export.export_onnx",
+    "check_onnx": "pm_dist.export.check_onnx",
+    "VerificationSet.from_arrays": "pm_dist.eval.VerificationSet.from_arrays",
+    "DataConfig.from_dict": "pm_dist.data.DataConfig.from_dict",
+    "SyntheticIdentities": "pm_dist.data.synthetic.SyntheticIdentities",
+    "verification_pairs": "pm_dist.data.synthetic.SyntheticIdentities.verification_pairs",
+    "identification_split": "pm_dist.data.synthetic.SyntheticIdentities.identification_split",
+    "doppelganger_pairs": "pm_dist.data.synthetic.SyntheticIdentities.doppelganger_pairs",
+    "PKSampler": "pm_dist.data.sampler.PKSampler",
+    "global_batch": "pm_dist.data.sampler.PKSampler.global_batch",
+    "local_batch": "pm_dist.data.sampler.PKSampler.local_batch",
+    "set_proposer": "pm_dist.data.sampler.PKSampler.set_proposer",
+    "build_train_loader": "pm_dist.data.build_train_loader",
+    "classes": "pm_dist.data.sampler.PKSampler.classes",
+    "PKBatch": "pm_dist.data.sampler.PKBatch",
+    "counts": "pm_dist.data.datasets.ArrowDataset.counts",  # the index protocol (index.py)
+    "sample_index": "pm_dist.data.datasets.ArrowDataset.sample_index",
+    "count_array": "pm_dist.data.datasets.ArrowDataset.count_array",
+}
+
+
+def _resolve(dotted: str):
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_quoted_signatures_match_the_code():
+    import ast
+    import inspect
+
+    seen = set()
+    for f in FILES:
+        for span in _spans(TEXT[f]):
+            m = re.fullmatch(r"([\w.]+)\((.*)\)(?: -> .*)?", span)
+            if not m or m.group(1) not in SIGNATURES:
+                continue
+            seen.add(m.group(1))
+            params = [p for p in inspect.signature(_resolve(SIGNATURES[m.group(1)])).parameters.values()
+                      if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            shown = [a.strip() for a in m.group(2).split(",") if a.strip() not in ("", "*")]
+            open_ended = shown and shown[-1] in ("...", "…")
+            shown = [a for a in shown if a not in ("...", "…")]
+            where = f"{f}: `{span}`"
+            assert [a.split("=")[0] for a in shown] == [p.name for p in params[:len(shown)]], where
+            left_out = [p.name for p in params[len(shown):] if p.default is p.empty]
+            assert open_ended or not left_out, f"{where} leaves out required {left_out}"
+            for a, p in zip(shown, params):
+                if "=" in a:
+                    assert ast.literal_eval(a.split("=", 1)[1]) == p.default, where
+    assert seen == set(SIGNATURES)
