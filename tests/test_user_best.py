@@ -11,8 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
-import torch
 
 from pm_dist.config import load_config
 from pm_dist.distributed import init_distributed
