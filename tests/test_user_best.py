@@ -87,7 +87,7 @@ def test_records_not_of_this_line_are_set_aside(dist_pool, tmp_path):
     assert _best(run)["step"] == 4 and _best(run)["value"] == _evals(run)[4]  # this line's best
     # a fresh start in the used directory: the old run's best is set aside too
     [out] = dist_pool(1).run(_fit, str(run), steps)
-    assert "later than this run's start, step 0" in out
+    assert "it is of an earlier run (step 4); this run starts afresh" in out
     assert (run / "best.step00000004.json").exists() and (run / "best_encoder.step00000004.pt").exists()
     assert _best(run)["step"] in (2, 4)
     # another metric (or mode): not comparable, set aside at the start

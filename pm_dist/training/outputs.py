@@ -111,6 +111,8 @@ class BestModel:
         if not isinstance(value, (int, float)) or not math.isfinite(value) or not isinstance(step, int):
             return f"its value {value!r} is not a finite number"
         if step > start_step:
+            if start_step == 0:
+                return f"it is of an earlier run (step {step}); this run starts afresh"
             return f"its step {step} is later than this run's start, step {start_step}"
         return None
 
