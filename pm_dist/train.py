@@ -96,7 +96,8 @@ class Trainer:
                                      dataset_images=self.dataset_images, log_file=self.training_log,
                                      wandb=cfg.run.wandb, wandb_project=cfg.run.wandb_project,
                                      config=to_dict(cfg))
-        self.best = BestModel(self.run_dir, cfg, self.metrics.note, enabled=env.is_main)
+        self.best = BestModel(self.run_dir, cfg, self.metrics.note, enabled=env.is_main,
+                              start_step=meta["step"] if meta else 0)
         self.train_step = TrainStep(
             self.engine, self.head, self.head_optimizer, self.head_scheduler,
             lr_source=self.optimizer, precision=cfg.deepspeed.effective_precision,

@@ -1,5 +1,9 @@
-"""The 10-fold verification protocol: a hand-computed case, and agreement to the bit with a
-straightforward transcription of insightface's loops (``reference_evaluate`` below)."""
+"""The 10-fold verification protocol: a hand-computed case, and agreement to the bit with
+insightface's ``calculate_roc`` / ``calculate_val`` (``reference_evaluate`` below), which splits with
+scikit-learn's ``KFold`` and interpolates with SciPy's ``interp1d``. Those two are test-only
+dependencies (``pip install -e .[test]``); the fold layout and interpolation tests skip without them,
+and ``reference_evaluate`` then falls back to plain transcriptions of the two calls, which the
+library tests check against the libraries where they are installed."""
 
 import numpy as np
 import pytest
@@ -7,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from pm_dist.eval.protocol import (
     ACC_THRESHOLDS,
+    VAL_THRESHOLDS,
     insightface_line,
     kfold_splits,
     l2_normalize,
@@ -15,22 +20,44 @@ from pm_dist.eval.protocol import (
     verification_metrics_from_distances,
 )
 
-# --- an independent, deliberately plain reference --------------------------------------------
+try:
+    from sklearn.model_selection import KFold
+except ImportError:
+    KFold = None
+try:
+    from scipy.interpolate import interp1d
+except ImportError:
+    interp1d = None
+
+# --- the reference: insightface's code, with the libraries it calls ---------------------------
 
 
-def reference_folds(n, k=10):
-    """sklearn KFold(shuffle=False) test folds, built with np.array_split (first folds larger)."""
+def transcribed_folds(n, k=10):
+    """KFold(k, shuffle=False) test folds as np.array_split builds them (first folds larger)."""
     return np.array_split(np.arange(n), k)
 
 
-def reference_interp_linear(x, y, x_new):
-    """scipy.interpolate.interp1d(x, y, kind='linear')(x_new) for one point, as scipy computes it."""
+def reference_folds(n, k=10):
+    """Test folds of ``KFold(n_splits=k, shuffle=False)``, as insightface splits the pairs."""
+    if KFold is None:
+        return transcribed_folds(n, k)
+    return [test for _, test in KFold(n_splits=k, shuffle=False).split(np.arange(n))]
+
+
+def transcribed_interp_linear(x, y, x_new):
+    """scipy.interpolate.interp1d(x, y, kind='linear')(x_new) for one point inside the data, as
+    SciPy computes it for 1-D data: np.interp on the x-sorted points."""
     order = np.argsort(x, kind="mergesort")
-    x, y = x[order], y[order]
-    hi = np.clip(np.searchsorted(x, x_new), 1, len(x) - 1)
-    lo = hi - 1
-    slope = (y[hi] - y[lo]) / (x[hi] - x[lo])
-    return slope * (x_new - x[lo]) + y[lo]
+    return np.interp(x_new, x[order], y[order])
+
+
+def reference_interp_linear(x, y, x_new):
+    """insightface's ``interp1d(far_train, thresholds, kind='slinear')(far_target)``, with
+    kind='linear', which SciPy still accepts on the repeated FARs (see the module docstring of
+    pm_dist.eval.protocol)."""
+    if interp1d is None:
+        return transcribed_interp_linear(x, y, x_new)
+    return interp1d(x, y, kind="linear")(x_new)
 
 
 def reference_evaluate(dist, issame, nfolds=10, far_target=1e-3):
@@ -51,7 +78,7 @@ def reference_evaluate(dist, issame, nfolds=10, far_target=1e-3):
         acc.append(float(np.sum(pred & issame[test]) + np.sum(~pred & ~issame[test])) / test.size)
         thr.append(best)
 
-        grid = np.arange(0, 4, 0.001)
+        grid = np.arange(0, 4, 0.001)  # insightface's VAL grid
         fa = np.sum((dist[train][None, :] < grid[:, None]) & ~issame[train], axis=1)
         far_train = np.array([float(x) / np.sum(~issame[train]) for x in fa])
         reached = far_train.max() >= far_target
@@ -81,6 +108,44 @@ def test_folds_match_sklearn_kfold_layout(n):
     for (train, test), ref in zip(splits, expected):
         assert np.array_equal(test, ref)
         assert np.array_equal(np.sort(np.r_[train, test]), np.arange(n))
+
+
+@pytest.mark.parametrize("n", [10, 21, 57, 6000, 7001])
+def test_folds_equal_sklearn_kfold(n):
+    if KFold is None:
+        pytest.skip("scikit-learn is not installed (a test-only dependency)")
+    for (train, test), (ref_train, ref_test) in zip(
+            kfold_splits(n), KFold(n_splits=10, shuffle=False).split(np.arange(n)), strict=True):
+        np.testing.assert_array_equal(test, ref_test)
+        np.testing.assert_array_equal(train, ref_train)
+    assert [len(t) for t in transcribed_folds(n)] == [len(t) for _, t in kfold_splits(n)]
+
+
+def _training_fars(seed, n_neg):
+    """A training split's FAR on insightface's VAL grid: a step function full of repeats."""
+    rng = np.random.default_rng(seed)
+    neg = np.sort(rng.uniform(0.5, 3.5, n_neg))
+    return np.searchsorted(neg, VAL_THRESHOLDS, side="left") / n_neg
+
+
+@pytest.mark.parametrize("seed,n_neg,target", [(0, 2700, 1e-3), (1, 2700, 5e-3), (2, 300, 1e-3),
+                                               (3, 5000, 1e-2), (4, 2700, 1 / 2700)])
+def test_val_threshold_equals_scipy_interp1d(seed, n_neg, target):
+    if interp1d is None:
+        pytest.skip("SciPy is not installed (a test-only dependency)")
+    far = _training_fars(seed, n_neg)
+    expected = float(interp1d(far, VAL_THRESHOLDS, kind="linear")(target))
+    assert threshold_at_far(far, VAL_THRESHOLDS, target) == expected  # the same arithmetic, bit for bit
+    assert float(transcribed_interp_linear(far, VAL_THRESHOLDS, target)) == expected
+
+
+def test_scipy_slinear_rejects_the_repeated_fars():
+    """What docs/evaluation.md says: insightface's kind='slinear' fails on these FARs today."""
+    if interp1d is None:
+        pytest.skip("SciPy is not installed (a test-only dependency)")
+    far = _training_fars(0, 2700)
+    with pytest.raises(ValueError):
+        interp1d(far, VAL_THRESHOLDS, kind="slinear")(1e-3)
 
 
 def test_too_few_pairs_is_an_error():
@@ -128,7 +193,8 @@ def test_threshold_at_far_with_repeated_fars():
     thresholds = np.array([0.0, 0.1, 0.2, 0.3, 0.4])
     far = np.array([0.0, 0.0, 0.0, 0.5, 0.5])  # repeats: what made interp1d fail
     assert threshold_at_far(far, thresholds, 0.25) == pytest.approx(0.25)
-    assert threshold_at_far(far, thresholds, 0.5) == pytest.approx(0.3)  # first threshold reaching it
+    assert threshold_at_far(far, thresholds, 0.5) == pytest.approx(0.4)  # exact hit: the last at 0.5
+    assert threshold_at_far(far, thresholds, 0.0) == pytest.approx(0.2)
     assert threshold_at_far(far, thresholds, 0.6) == 0.0  # never reached: insightface's 0
 
 
@@ -179,4 +245,20 @@ def test_matches_reference_with_distances_on_the_grid(case):
     issame = np.asarray(same)
     for fold in reference_folds(dist.size):  # both kinds in every fold, else the reference divides by 0
         issame[fold[0]], issame[fold[1]] = True, False
+    assert_same_as_reference(verification_metrics_from_distances(dist, issame), reference_evaluate(dist, issame))
+
+
+def test_matches_reference_where_the_far_target_is_hit_exactly():
+    """Fold 0 trains on exactly 2000 different pairs, so FAR 1e-3 = 2/2000 is a value the training
+    FAR takes on a run of grid thresholds: the reading of that plateau matters (the last one)."""
+    rng = np.random.default_rng(7)
+    issame = np.ones(3000, dtype=bool)
+    issame[rng.choice(300, 100, replace=False)] = False  # fold 0 (pairs 0-299): 100 different
+    issame[300 + rng.choice(2700, 2000, replace=False)] = False  # 2000 in the other folds
+    dist = np.where(issame, rng.uniform(0.2, 1.6, 3000), rng.uniform(1.5, 3.9, 3000))
+    neg_later = 300 + np.flatnonzero(~issame[300:])
+    dist[neg_later[:2]] = 1.0003, 1.0205  # FAR 2/2000 for every grid threshold in (1.0205, 1.5]
+    train_neg = np.sort(dist[300:][~issame[300:]])
+    far_train = np.searchsorted(train_neg, VAL_THRESHOLDS, side="left") / train_neg.size
+    assert (far_train == 1e-3).sum() > 1  # a plateau at the target
     assert_same_as_reference(verification_metrics_from_distances(dist, issame), reference_evaluate(dist, issame))

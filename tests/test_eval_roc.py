@@ -1,8 +1,14 @@
-"""ROC and TAR@FAR against a small ROC worked out by hand."""
+"""ROC and TAR@FAR: a small ROC worked out by hand, agreement with scikit-learn's ``roc_curve`` and
+``roc_auc_score`` (a test-only dependency: those tests skip without it), and the ROC plot drawn with
+matplotlib when installed, with Pillow otherwise."""
+
+import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from pm_dist.eval.plot import plot_backend, plot_curves
 from pm_dist.eval.roc import far_key, roc_curve, roc_metrics, tar_at_far
 
 # 4 same (1) and 6 different (0) pairs, scores descending.
@@ -75,3 +81,81 @@ def test_bad_inputs():
 
 def test_far_keys():
     assert [far_key(f) for f in (1e-6, 1e-3, 0.1, 2.5e-4)] == ["1e-06", "1e-03", "1e-01", "0.00025"]
+
+
+# --- against scikit-learn -------------------------------------------------------------------------
+
+
+def _scored_pairs(seed, n=400, decimals=None):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.35
+    scores = rng.normal(labels * 1.2, 1.0)
+    if decimals is not None:  # ties within and across the two kinds of pair
+        scores = np.round(scores, decimals)
+    return labels, scores
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, None), (1, 1), (2, 0), (3, 2)])
+@pytest.mark.parametrize("drop", [True, False])
+def test_roc_curve_equals_sklearn(seed, decimals, drop):
+    metrics = pytest.importorskip("sklearn.metrics")
+    labels, scores = _scored_pairs(seed, decimals=decimals)
+    ours = roc_curve(labels, scores, drop_intermediate=drop)
+    ref = metrics.roc_curve(labels, scores, drop_intermediate=drop)
+    for name, a, b in zip(("fpr", "tpr", "thresholds"), ours, ref):
+        np.testing.assert_array_equal(a, b, err_msg=name)  # exact: the same counts and divisions
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, None), (1, 1), (4, 0)])
+def test_auc_and_nearest_tar_match_sklearn_and_insightface_reading(seed, decimals):
+    metrics = pytest.importorskip("sklearn.metrics")
+    labels, scores = _scored_pairs(seed, n=3000, decimals=decimals)
+    m = roc_metrics(labels, scores, fars=(1e-3, 1e-2, 1e-1), method="nearest")
+    assert m["auc"] == pytest.approx(metrics.roc_auc_score(labels, scores), abs=1e-12)
+    # insightface's ijb_11.py on sklearn's curve: flip, then the first index nearest the FAR
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    for far in (1e-2, 1e-1):
+        expected = tpr[np.argmin(np.abs(fpr - far))]
+        assert m["tar_at_far"][far_key(far)] == expected
+
+
+# --- the plot ---------------------------------------------------------------------------------
+
+
+def _series():
+    labels, scores = _scored_pairs(0, n=2000)
+    curve = roc_metrics(labels, scores)["curve"]
+    return [{"x": curve["x"], "y": curve["y"], "label": "lfw"}]
+
+
+def test_roc_plot_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert plot_backend() == "matplotlib"
+    path = tmp_path / "roc.png"
+    assert plot_curves(str(path), "lfw", _series(), "FAR", "TAR") == "matplotlib"
+    with Image.open(path) as img:
+        assert img.size == (720, 540) and "matplotlib" in img.info.get("Software", "").lower()
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    assert (np.abs(rgb - (31, 119, 180)).sum(axis=2) == 0).sum() > 200  # the curve is drawn
+
+
+def test_roc_plot_falls_back_to_pillow_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    assert plot_backend() == "pillow"
+    path = tmp_path / "roc.png"
+    assert plot_curves(str(path), "lfw", _series(), "FAR", "TAR") == "pillow"
+    with Image.open(path) as img:
+        assert img.size == (720, 540) and "Software" not in img.info
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    assert (np.abs(rgb - (31, 119, 180)).sum(axis=2) == 0).sum() > 200
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot_backend("matplotlib")
+
+
+def test_pillow_drawing_is_forced_by_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("PM_DIST_PLOT", "pillow")
+    assert plot_curves(str(tmp_path / "roc.png"), "lfw", _series(), "FAR", "TAR") == "pillow"
+    monkeypatch.setenv("PM_DIST_PLOT", "svg")
+    with pytest.raises(ValueError, match="plot backend 'svg'"):
+        plot_backend()

@@ -141,3 +141,54 @@ def test_export_and_evaluate_take_a_checkpoint_directory(dist_pool, tmp_path, ca
                      "--synthetic-identities", "20", "--out", str(tmp_path / "ev")]) == 0
     assert evaluate(["--model", str(tmp_path), "--synthetic", "--out", str(tmp_path / "ev2")]) == 2
     assert "neither a checkpoint" in capsys.readouterr().err
+
+
+def test_embed_and_init_from_take_a_checkpoint_directory(dist_pool, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pm_dist.data.transforms import normalize
+    from pm_dist.embed import main as embed
+
+    run = tmp_path / "run"
+    dist_pool(1).run(_build, str(run), ["run.steps=2", "run.checkpoint_every=2"], fit=True)
+    final, _ = load_encoder(run / "encoder.pt")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    (tmp_path / "faces").mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / "faces" / f"{i}.png")
+    assert embed(["--model", str(run / "checkpoints"), "--images", str(tmp_path / "faces"),
+                  "--out", str(tmp_path / "emb.npy"), "--raw"]) == 0
+    with torch.no_grad():
+        expected = final(normalize(images)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), expected, rtol=1e-4, atol=1e-5)
+    # model.init_from=<run>/checkpoints: the newest checkpoint's encoder starts the new run
+    [r] = dist_pool(1).run(_build, str(tmp_path / "b"), [f"model.init_from={run / 'checkpoints'}"])
+    for k, v in final.state_dict().items():
+        assert torch.equal(r["weights"][k], v.float()), k
+
+
+def test_embed_takes_an_insightface_backbone_with_its_arch_name(tmp_path):
+    """``python -m pm_dist.embed --model backbone.pth --arch r18``; a 24 px crop is resized to 16."""
+    import numpy as np
+    from PIL import Image
+
+    from pm_dist.data.transforms import normalize
+    from pm_dist.embed import main as embed
+    from pm_dist.eval.images import fit_square
+
+    model = build_model("r18", 32, 16).eval()
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")
+    crop = np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    Image.fromarray(crop).save(tmp_path / "a.png")
+    (tmp_path / "list.txt").write_text("a.png\n")
+    assert embed(["--model", str(tmp_path / "backbone.pth"), "--arch", "r18", "--embedding-size", "32",
+                  "--image-size", "16", "--images", str(tmp_path / "list.txt"),
+                  "--out", str(tmp_path / "e.npy")]) == 0
+    resized = np.array(fit_square(Image.fromarray(crop), 16))[None]
+    with torch.no_grad():
+        raw = model(normalize(resized)).double().numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), raw / np.linalg.norm(raw, axis=1,
+                                                                                  keepdims=True),
+                               rtol=1e-4, atol=1e-5)

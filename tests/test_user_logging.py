@@ -111,6 +111,22 @@ def test_epochs_log_wandb_and_best_model(dist_pool, tmp_path, monkeypatch):
     _, meta = load_encoder(run / "best_encoder.pt")
     assert (meta["step"], meta["metric"]) == (best_step, "synthetic-pairs/accuracy")
     assert meta["value"] == pytest.approx(best["value"])
+    # docs/training.md's run directory table names everything the run left, and the step keys
+    _run_directory_as_documented(run)
+
+
+def _run_directory_as_documented(run: Path):
+    import re
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    table = text[text.index("## The run directory"):text.index("### Export and evaluation afterwards")]
+    documented = {p.rstrip("/") for row in re.findall(r"^\| (.*?) \|", table, flags=re.M)
+                  for p in re.findall(r"`([^`]+)`", row)}
+    assert {p.name for p in run.iterdir()} <= documented
+    row = next(r for r in table.splitlines() if r.startswith("| `metrics.jsonl`"))
+    keys = set(re.findall(r"`(\w+)`", row))
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {k for k in first if "/" not in k} == keys and any(k.startswith("head/") for k in first)
 
 
 @pytest.fixture(autouse=True)
@@ -158,3 +174,32 @@ def test_training_log_tees_and_strips_colour(tmp_path, capsys):
     text = (tmp_path / "training.log").read_text()
     assert "plain line\n" in text and "bold\n" in text and "after close" not in text
     assert format_duration(90061) == "1d 01:01:01"
+
+
+def test_wandb_missing_stops_the_command_line_before_training(tmp_path, monkeypatch, capsys):
+    """``python -m pm_dist.train run.wandb=true`` without wandb: exit 2 and the advice, before any
+    process group or run directory exists."""
+    from pm_dist.metrics import WANDB_MISSING
+    from pm_dist.train import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb → ImportError
+    assert main([f"run.out_dir={tmp_path / 'run'}", "run.wandb=true"]) == 2
+    assert capsys.readouterr().err == f"config error: {WANDB_MISSING}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def _train_without_wandb(out_dir):
+    sys.modules["wandb"] = None  # this rank cannot import wandb at all
+    try:
+        cfg = load_config(None, BASE + [f"run.out_dir={out_dir}", "run.steps=2",
+                                        "eval.synthetic_pairs=0"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = Trainer(cfg, init_distributed()).fit()
+    finally:
+        del sys.modules["wandb"]
+    return result["step"]
+
+
+def test_wandb_is_never_needed_when_off(dist_pool, tmp_path):
+    assert dist_pool(1).run(_train_without_wandb, str(tmp_path / "run")) == [2]
+    assert not (tmp_path / "run" / "wandb_id.txt").exists()

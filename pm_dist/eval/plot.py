@@ -1,12 +1,16 @@
-"""A ROC-style line plot written as PNG with Pillow alone (no matplotlib in the dependencies).
+"""ROC-style line plots as PNG: drawn with matplotlib when it is installed (``pip install
+matplotlib``; pm_dist's ``bench`` extra has it), else with Pillow alone (a dependency), so a report never
+needs matplotlib.
 
 Log-scaled x axis by default (FAR / FPIR from the smallest measurable value to 1), linear y axis,
-decade grid lines, one or more labelled curves.
+decade grid lines, one or more labelled curves. Both drawings are 720 × 540 pixels with the same
+colours. ``PM_DIST_PLOT=pillow`` (or ``backend="pillow"``) forces the Pillow drawing.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -40,11 +44,81 @@ def _vertical_text(img: Image.Image, center: tuple[float, float], text: str, fon
     img.paste(label, (int(center[0] - label.width / 2), int(center[1] - label.height / 2)))
 
 
-def plot_curves(path: str, title: str, series: list[dict], xlabel: str, ylabel: str, xscale: str = "log") -> None:
-    """Write ``series`` (dicts with ``x``, ``y``, ``label``) as a PNG line plot at ``path``."""
-    pts = [(x, y) for s in series for x, y in zip(s["x"], s["y"]) if y is not None and (xscale != "log" or x > 0)]
-    if not pts:
+BACKENDS = ("auto", "matplotlib", "pillow")
+
+
+def plot_backend(backend: str | None = None) -> str:
+    """The drawing ``plot_curves`` uses: ``backend`` (else ``$PM_DIST_PLOT``, else ``auto``)
+    resolved to ``matplotlib`` when it is importable, otherwise ``pillow``."""
+    backend = backend or os.environ.get("PM_DIST_PLOT") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"plot backend {backend!r}: choose from {BACKENDS}")
+    if backend == "pillow":
+        return "pillow"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if backend == "matplotlib":
+            raise ImportError("the matplotlib plot backend needs matplotlib: "
+                              "pip install matplotlib") from None
+        return "pillow"
+    return "matplotlib"
+
+
+def _points(series: list[dict], xscale: str) -> list[tuple[float, float]]:
+    return [(x, y) for s in series for x, y in zip(s["x"], s["y"])
+            if y is not None and (xscale != "log" or x > 0)]
+
+
+def plot_curves(path: str, title: str, series: list[dict], xlabel: str, ylabel: str,
+                xscale: str = "log", backend: str | None = None) -> str:
+    """Write ``series`` (dicts with ``x``, ``y``, ``label``) as a PNG line plot at ``path``;
+    returns the drawing used (``matplotlib`` or ``pillow``, see :func:`plot_backend`)."""
+    if not _points(series, xscale):
         raise ValueError("nothing to plot")
+    used = plot_backend(backend)
+    if used == "matplotlib":
+        _plot_matplotlib(path, title, series, xlabel, ylabel, xscale)
+    else:
+        _plot_pillow(path, title, series, xlabel, ylabel, xscale)
+    return used
+
+
+def _plot_matplotlib(path, title, series, xlabel, ylabel, xscale) -> None:
+    """The figure API with the Agg canvas: no pyplot, so no global state or GUI backend is touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(WIDTH / 100, HEIGHT / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, s in enumerate(series):
+        pts = [(x, y) for x, y in zip(s["x"], s["y"]) if y is not None and (xscale != "log" or x > 0)]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        color = tuple(c / 255 for c in COLORS[i % len(COLORS)])
+        ax.plot(xs, ys, color=color, linewidth=2, label=s.get("label", ""),
+                marker="o" if len(pts) == 1 else None)
+    if xscale == "log":
+        ax.set_xscale("log")
+    ys = [y for _, y in _points(series, xscale)]
+    y_lo = max(0.0, math.floor(min(ys) * 10 - 1e-9) / 10)
+    y_hi = 1.0 if max(ys) <= 1.0 else max(ys)
+    ax.set_ylim(y_lo if y_hi - y_lo >= 0.05 else max(0.0, y_hi - 0.1), y_hi)
+    ax.grid(True, which="major", color=(0.88, 0.88, 0.88))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if any(s.get("label") for s in series):
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _plot_pillow(path, title, series, xlabel, ylabel, xscale) -> None:
+    """The fallback drawing, Pillow only."""
+    pts = _points(series, xscale)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     if xscale == "log":
         x_lo, x_hi = math.floor(math.log10(min(xs)) + 1e-9), max(0, math.ceil(math.log10(max(xs)) - 1e-9))

@@ -18,12 +18,13 @@ same integers and therefore the same floating-point accuracies, bit for bit.
 Where insightface breaks, we are robust and say what we do:
 
 * VAL: insightface calls ``scipy.interpolate.interp1d(far_train, thresholds, kind='slinear')``; the
-  training FARs on the grid repeat (they are a step function), which current SciPy rejects. The value
-  meant is the interpolation between the two grid thresholds that bracket the target: the *last*
-  threshold whose FAR is below the target and the *first* whose FAR reaches it, which is what
-  ``interp1d(kind='linear')`` computes on the sorted data and what older SciPy returned. When no grid
-  threshold reaches the target FAR on the training folds, the threshold is 0 (insightface's rule), so
-  that fold's VAL and FAR are 0.
+  training FARs on the grid repeat (they are a step function), which current SciPy rejects. We compute
+  what ``interp1d(kind='linear')`` computes on the same data (it accepts the repeats; the tests
+  compare with it): the linear interpolation between the *last* grid threshold whose FAR is below the
+  target and the *first* whose FAR is above it; when the target equals a FAR on the grid exactly, the
+  *last* threshold with that FAR (the widest threshold at that FAR, as ``np.interp``, which SciPy
+  uses, takes it). When no grid threshold reaches the target FAR on the training folds, the
+  threshold is 0 (insightface's rule), so that fold's VAL and FAR are 0.
 * A fold without same (different) pairs has no VAL (FAR); insightface divides by zero. Such folds are
   left out of the VAL (FAR) mean and std; if none remain, the value is NaN.
 """
@@ -99,17 +100,19 @@ def _tpr_fpr(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> tu
 def threshold_at_far(far: np.ndarray, thresholds: np.ndarray, far_target: float) -> float:
     """The threshold at which the (non-decreasing) FAR curve reaches ``far_target``; 0 if it never does.
 
-    Linear interpolation between the last threshold with FAR < target and the first with FAR ≥ target,
-    the arithmetic of ``interp1d(kind='linear')`` (see the module docstring).
+    ``interp1d(far, thresholds, kind='linear')(far_target)`` (``np.interp``'s arithmetic): with j the
+    last index whose FAR ≤ target, ``thresholds[j]`` on an exact hit, else the linear interpolation
+    between j and j + 1 (see the module docstring).
     """
     if not np.isfinite(far).any() or np.nanmax(far) < far_target:
         return 0.0
-    hi = int(np.searchsorted(far, far_target, side="left"))
-    if hi == 0:  # the grid starts at or above the target (insightface's grid starts at FAR 0)
+    j = int(np.searchsorted(far, far_target, side="right")) - 1
+    if j < 0:  # the grid starts above the target (insightface's grid starts at FAR 0)
         return float(thresholds[0])
-    lo = hi - 1
-    slope = (thresholds[hi] - thresholds[lo]) / (far[hi] - far[lo])
-    return float(slope * (far_target - far[lo]) + thresholds[lo])
+    if far[j] == far_target:
+        return float(thresholds[j])
+    slope = (thresholds[j + 1] - thresholds[j]) / (far[j + 1] - far[j])
+    return float(slope * (far_target - far[j]) + thresholds[j])
 
 
 def _val_far(dist: np.ndarray, issame: np.ndarray, threshold: float) -> tuple[float, float]:

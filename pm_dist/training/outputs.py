@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -71,27 +73,76 @@ def export_encoder(module: torch.nn.Module, run_dir: Path, cfg, note) -> Path:
 class BestModel:
     """``eval.best_metric``: after each evaluation, keep the encoder whose ``<result>/<key>``
     number is the best so far as ``best_encoder.pt`` (its metadata: ``step``, ``metric``,
-    ``value``), with ``best.json`` beside it. A resumed run continues from ``best.json``."""
+    ``value``), with ``best.json`` beside it.
 
-    def __init__(self, run_dir: Path, cfg, note, enabled: bool = True):
+    A resumed run continues from ``best.json`` (a later evaluation replaces the encoder only when it
+    is strictly better) when that record belongs to the run's line: the same metric and mode, a
+    finite value, and a step no later than the one the run starts from. Any other record (a fresh
+    start in a used directory, a resume from an older checkpoint, another metric) is set aside as
+    ``best.step<N>.json`` / ``best_encoder.step<N>.pt``, never deleted, as the checkpoints newer
+    than the start are. A NaN or infinite value is never a best."""
+
+    def __init__(self, run_dir: Path, cfg, note, enabled: bool = True, start_step: int = 0):
         self.run_dir, self.cfg, self.note = Path(run_dir), cfg, note
         self.metric, self.mode = cfg.eval.best_metric, cfg.eval.best_mode
         self.enabled = enabled and self.metric is not None
         self.best: dict | None = None
         path = self.run_dir / "best.json"
-        if self.enabled and path.exists():
+        if not (self.enabled and path.exists()):  # tracking off: best files are left as they are
+            return
+        try:
             record = json.loads(path.read_text())
-            if record.get("metric") == self.metric:
-                self.best = record
+        except (OSError, ValueError):
+            record = {}
+        why = self._not_carried(record, start_step)
+        if why is None:
+            self.best = record
+            note(f"best {self.metric} so far: {record['value']:.5f} at step {record['step']} "
+                 f"(best.json)")
+            return
+        self._set_aside(record, why)
 
-    def value(self, results: list[dict]) -> float | None:
+    def _not_carried(self, record: dict, start_step: int) -> str | None:
+        """Why ``record`` (best.json) does not continue into this run; None when it does."""
+        value, step = record.get("value"), record.get("step")
+        if record.get("metric") != self.metric or record.get("mode", "higher") != self.mode:
+            return (f"it tracks {record.get('metric')} ({record.get('mode', 'higher')}), this run "
+                    f"{self.metric} ({self.mode})")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not isinstance(step, int):
+            return f"its value {value!r} is not a finite number"
+        if step > start_step:
+            if start_step == 0:
+                return f"it is of an earlier run (step {step}); this run starts afresh"
+            return f"its step {step} is later than this run's start, step {start_step}"
+        return None
+
+    def _set_aside(self, record: dict, why: str) -> None:
+        step = record.get("step")
+        tag = f"step{step:08d}" if isinstance(step, int) else "old"
+        moved = []
+        for name, suffix in (("best.json", ".json"), ("best_encoder.pt", ".pt")):
+            src = self.run_dir / name
+            if src.exists():
+                dst = self.run_dir / f"{src.stem}.{tag}{suffix}"
+                n = 1
+                while dst.exists():
+                    dst = self.run_dir / f"{src.stem}.{tag}.{n}{suffix}"
+                    n += 1
+                os.replace(src, dst)
+                moved.append(dst.name)
+        self.note(f"best.json not carried over ({why}): set aside as {', '.join(moved)}")
+
+    def value(self, results: list[dict]) -> float:
         """The chosen number in ``results``: a headline (what metrics.jsonl logs) or a top-level
-        number of the result named before the last ``/``."""
+        number of the result named before the last ``/`` (NaN where it is null: not measurable)."""
         name, key = self.metric.rsplit("/", 1)
         for r in results:
             if r.get("name") == name:
-                value = r.get("headline", {}).get(key, r.get(key))
-                if isinstance(value, (int, float)):
+                headline = r.get("headline", {})
+                value = headline.get(key, r.get(key))
+                if value is None and (key in headline or key in r):  # not measurable this time
+                    return float("nan")
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     return float(value)
                 found = sorted(set(r.get("headline", {})) | {k for k, v in r.items()
                                                               if isinstance(v, (int, float))})
@@ -109,6 +160,10 @@ class BestModel:
         from pm_dist.models import save_encoder
 
         value = self.value(results)
+        if not math.isfinite(value):
+            self.note(f"best {self.metric} = {value} at step {step}: not a number to compare, "
+                      "not kept")
+            return False
         if self.best is not None:
             old = self.best["value"]
             if not (value > old if self.mode == "higher" else value < old):
