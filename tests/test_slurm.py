@@ -118,7 +118,8 @@ def test_sbatch_two_nodes_and_a_real_time_limit(tmp_path):
         p1, p2 = _free_ports(2)
         limited, lim_out = _submit(cluster, tmp_path, "limited", p2, env=held, sbatch_opts=[
             f"--time={LIMIT_MIN}", f"--signal=B:USR1@{SIGNAL_S}"])
-        assert cluster.job(limited)["TimeLimit"] == f"00:0{LIMIT_MIN}:00"
+        info = cluster.job(limited)
+        assert info["TimeLimit"] == f"00:0{LIMIT_MIN}:00" and info["Requeue"] == "1", info
 
         # the plain job starts once the limited one is held (its start-up alone on the CPUs): it
         # runs while the limited job waits for its signal
