@@ -1,7 +1,13 @@
 """A real two-node Slurm cluster on this one host, for tests: ``munged``, ``slurmctld`` and two
 ``slurmd -N n1`` / ``-N n2`` daemons on 127.0.0.1 with distinct ports, from a config written in a
 temporary directory (Debian's slurmctld, slurmd, slurm-client and munge; ``.ci/run`` installs
-them). Every daemon it starts is stopped by its PID in ``stop()``, also after a failure.
+them). Every daemon it starts is stopped by its PID in ``stop()``, also after a failure; jobs
+submitted through ``sbatch()`` that are still there are cancelled first (``scancel``, waited for up
+to ``KillWait``), so that a failed test leaves no training processes behind.
+
+Time limits: slurmctld checks them every 30 s (``PERIODIC_TIMEOUT``, compiled in), sending a job's
+``--signal=…@N`` on the first check at most N + 30 s before its limit and ending the job on the
+first check after it (``OverTimeLimit=0``: no grace). ``--time`` counts whole minutes.
 
     with SlurmCluster(tmp_path) as cluster:
         job = cluster.sbatch(["--nodes=2", "launch/slurm.sbatch", ...], env=...)
@@ -56,6 +62,7 @@ class SlurmCluster:
         self.cpus = cpus_per_node
         self.cred_expire_s = cred_expire_s
         self.procs: list[subprocess.Popen] = []
+        self.jobs: list[int] = []  # submitted through sbatch(): cancelled in stop()
         self._hosts_line: str | None = None  # the /etc/hosts line this cluster added
         self.conf = self.root / "slurm.conf"
         self.socket = self.root / "munge" / "munge.socket.2"
@@ -151,6 +158,7 @@ class SlurmCluster:
             "JobAcctGatherType=jobacct_gather/none",
             "MinJobAge=600",
             "KillWait=20",
+            "OverTimeLimit=0",  # the default, stated: a job past its limit ends on the next check
             "InactiveLimit=0",
             "MessageTimeout=10",
             "SchedulerParameters=sched_interval=1,defer_batch=0",
@@ -191,7 +199,9 @@ class SlurmCluster:
         raise SlurmUnavailable(f"nodes not idle after {timeout_s}s: {out!r}\n{self._log('')}")
 
     def stop(self) -> None:
-        """Stop every daemon this cluster started, by its PID (munged last)."""
+        """Cancel the jobs still there, then stop every daemon this cluster started, by its PID
+        (munged last)."""
+        self._cancel_jobs()
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -216,6 +226,27 @@ class SlurmCluster:
                 pass
             self._hosts_line = None
 
+    def _cancel_jobs(self, timeout_s: float = 25.0) -> None:
+        """``scancel`` the jobs submitted here that have not ended (a failed test), and wait until
+        Slurm has ended their processes (SIGTERM, SIGKILL after ``KillWait``=20 s)."""
+        if not self.jobs or not any(p.poll() is None for p in self.procs):
+            return
+        ids = [str(j) for j in self.jobs]
+        live = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                "SUSPENDED", "STOPPED")
+        try:
+            subprocess.run(["scancel", *ids], env=self.env, capture_output=True, timeout=15)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                res = subprocess.run(["squeue", "-h", "-t", ",".join(live), "-j", ",".join(ids),
+                                      "-o", "%i"], env=self.env, capture_output=True, text=True,
+                                     timeout=15)
+                if res.returncode == 0 and not res.stdout.strip():
+                    return
+                time.sleep(0.5)
+        except (OSError, subprocess.SubprocessError):
+            pass
+
     def __enter__(self) -> SlurmCluster:
         return self.start()
 
@@ -228,7 +259,9 @@ class SlurmCluster:
                              cwd=cwd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"sbatch failed: {res.stderr}")
-        return int(res.stdout.strip().split(";")[0])
+        job = int(res.stdout.strip().split(";")[0])
+        self.jobs.append(job)
+        return job
 
     def job(self, job_id: int) -> dict:
         res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], env=self.env,
