@@ -109,7 +109,8 @@ def summary(rows, heads, seeds) -> str:
     for r in rows:
         lines.append(f"{r['head']:<18}{r['seed']:>5}{r['fraction']:>6g}{r['accuracy']:>8.4f}"
                      f"{r['twins']:>8.4f}{r.get('rank1', float('nan')):>8.2f}{r['loss_late']:>8.2f}"
-                     f"{r.get('recovery', float('nan')):>7.3f}{r.get('share_mined', float('nan')):>7.2f}"
+                     f"{r.get('recovery', float('nan')):>7.3f}"
+                     f"{r.get('share_mined', float('nan')):>7.2f}"
                      f"{r['seconds']:>6.0f}")
     lines.append("")
     lines.append(f"{'head':<18}{'f':>6}" + "".join(f"{'Δ' + k:>10}{'spread':>8}" for k in keys))

@@ -360,17 +360,15 @@ def _score(trainer, images, labels) -> tuple[float, float]:
         torch.set_rng_state(rng)
 
 
-def _train_scored(out_dir, overrides, first, every, threads=None):
+def _train_scored(out_dir, overrides, first, every):
     """A mining run that, at steps first, first + every, … and before training on the step's mined
     batch, scores it and the batch the sampler draws at that step without mining (the same
     (seed, step): its first (1 − f)·P identities are the mined batch's randomly drawn ones), with
-    the same weights and memory (``_score``). Returns (_train's result, [(step, mined, random)])."""
+    the same weights and memory (``_score``). Returns history, recovery and scores: per scored step
+    (step, (run, alone) of the mined batch, (run, alone) of the random one)."""
     from pm_dist.distributed import init_distributed
     from pm_dist.train import Trainer
 
-    if threads:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
     cfg = load_config(None, BASE + [f"run.out_dir={out_dir}"] + overrides)
     trainer = Trainer(cfg, init_distributed(), record_history=True)
     loader = trainer.loader
@@ -390,11 +388,7 @@ def _train_scored(out_dir, overrides, first, every, threads=None):
         return run(images, labels)
 
     train_step._run = scored_run
-    try:
-        trainer.fit()
-    finally:
-        if threads:
-            torch.set_num_threads(before)
+    trainer.fit()
     gen = trainer.loader.dataset.generator
     return dict(history=trainer.history, scores=scores,
                 recovery=planted_recovery(trainer.miner.table, gen.doppelganger_pairs()))
@@ -407,15 +401,25 @@ def test_planted_pairs_recovered_and_mined_batches_harder(dist_pool, tmp_path):
     Harder, at equal steps with equal weights: at every step from 40 on (60 steps), before training
     on it, the step's mined batch and the batch drawn at that step without mining (the same first
     (1 − f)·P identities, the rest at random) are scored by the same copy of the current encoder
-    (``_score``). Measured, the loss with a memory of the batch alone (negatives: the batch's own
-    identities), mean over the 60 steps, mined vs random: 10.6 vs 8.5 (run seed 0), 12.0 vs 10.6
-    (seed 1), 11.4 vs 9.9 (seed 0, 2 threads); mined higher at 83–90 % of the steps. The loss with
-    the run's own memory, which holds every identity and so every look-alike whatever the batch,
-    is not higher: 20.3 vs 20.2, 21.0 vs 21.1 (gaps within ±0.2, noise ±0.2): mining makes the
-    batch harder only through the negatives the batch itself brings (docs/mining.md).
+    (``_score``, which leaves the run unchanged). Asserted on the loss with a memory of the batch
+    alone (negatives: the batch's own identities). Measured, mean over the 60 steps, mined vs
+    random (mined higher at how many steps):
 
-    Also: planted twins recovered ≥ 10 × chance (measured 0.14–0.22 over run seeds 0–2 vs chance
-    0.0084), and mined pairs' class means closer than random pairs' (cos ≈ 0.7 vs ≈ 0.05)."""
+        run seed 0, 1 thread   10.29 vs  8.29  (51/60)    recovery 0.224
+        run seed 1, 1 thread   12.31 vs 10.42  (52/60)    recovery 0.138
+        run seed 2, 1 thread   13.64 vs 11.77  (49/60)    recovery 0.190
+        run seed 0, 2 threads  11.38 vs  9.32  (47/60)    recovery 0.259
+        run seed 1, 2 threads  13.99 vs 11.58  (52/60)    recovery 0.241
+
+    (the steps' gaps scatter by ±1.8, so the mean's standard error is ≈ 0.23). With the run's own
+    memory, which holds every identity and hence every look-alike whatever the batch, the mined
+    batch is *not* measurably harder: 20.19 vs 20.10, 21.03 vs 20.97, 21.62 vs 21.44, 20.56 vs
+    20.26, 21.49 vs 21.36 (gaps +0.06 … +0.30, standard error 0.12–0.16): mining makes a batch
+    harder through the negatives the batch itself brings (docs/mining.md). That is printed, not
+    asserted.
+
+    Also: planted twins recovered ≥ 10 × chance (0.14–0.26 above vs chance 0.0084), and mined
+    pairs' class means closer than random pairs' (cos ≈ 0.7 vs ≈ 0.05)."""
     extra = ["run.steps=100", "data.doppelganger_fraction=0.5", "data.doppelganger_distance=0.1",
              "data.nuisance=0.25", "head.memory.capacity=128", "mining.enabled=true",
              "mining.fraction=0.5"]
@@ -423,7 +427,7 @@ def test_planted_pairs_recovered_and_mined_batches_harder(dist_pool, tmp_path):
     rec = on["recovery"]
     print("recovery:", rec)
     assert rec["filled"] == 1.0
-    assert rec["recovered"] >= 10 * rec["chance"], rec  # measured: 0.14–0.22 vs chance 0.0084
+    assert rec["recovered"] >= 10 * rec["chance"], rec  # measured: 0.14–0.26 vs chance 0.0084
 
     steps = [s for s, _, _ in on["scores"]]
     assert steps == list(range(40, 100))
@@ -433,8 +437,8 @@ def test_planted_pairs_recovered_and_mined_batches_harder(dist_pool, tmp_path):
     print(f"batch alone: mined {alone_mined.mean():.3f} random {alone_random.mean():.3f}, mined "
           f"higher at {(gap > 0).sum()} of {len(gap)} steps; run's memory: mined "
           f"{run_mined.mean():.3f} random {run_random.mean():.3f}")
-    assert gap.mean() > 0.5, (alone_mined.mean(), alone_random.mean())  # measured: 1.4 to 2.0
-    assert (gap > 0).mean() >= 0.7, gap  # measured: 0.83 to 0.90
+    assert gap.mean() > 0.5, (alone_mined.mean(), alone_random.mean())  # measured: 1.86 to 2.41
+    assert (gap > 0).mean() >= 0.65, gap  # measured: 0.78 to 0.87
 
     late = slice(50, 100)
     cos_mined = _mean([h["mining/cos_mined"] for h in on["history"][late]])
