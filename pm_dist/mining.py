@@ -42,12 +42,12 @@ non-finite loss or gradient on some rank) changes nothing.
 **Sampling**, step t: the sampler draws (1 − f)·P identities at random, then asks the miner for the
 doppelgangers of those, in draw order: identities without one, doppelgangers already in the batch
 (duplicates) and doppelgangers with fewer than ``min_images`` images are skipped; the sampler fills
-any shortfall at random. The table read for batch t is the table **as of step t − delay** (after
-steps 0 … t − delay − 1): the loader plans batches ahead (``num_workers × prefetch_factor``), so a
-plan must not depend on when it was made. ``delay`` must be at least that look-ahead (checked); the
-table keeps the partners it changed in the last ``delay`` steps to answer for the older state. A
-batch is therefore a function of (seed, t, the table's history), identical on every rank and on
-resume.
+any shortfall at random (so at most min(f, 1 − f)·P identities are mined). The table read for batch
+t is the table **as of step t − delay** (after steps 0 … t − delay − 1): the loader plans batches
+ahead (``num_workers × prefetch_factor``), so a plan must not depend on when it was made. ``delay``
+must be at least that look-ahead (checked); the table keeps the partners it changed in the last
+``delay`` steps to answer for the older state. A batch is therefore a function of (seed, t, the
+table's history), identical on every rank and on resume.
 
 What "hardest" means per head: Prototype Memory — the closest prototype in memory (the memory holds
 the most recently seen classes, so a doppelganger is found among them); Full FC — the closest class
@@ -74,7 +74,9 @@ class MiningConfig:
     """The ``mining`` section of a run config (docs/mining.md)."""
 
     enabled: bool = False
-    fraction: float = 0.5  # f: share of each batch's identities that are doppelgangers of the rest
+    # f: share of each batch's identities that are doppelgangers of the rest (mined share ≤ min(f,
+    # 1 − f)); 0.5: no fraction measured better, none helped accuracy (docs/mining.md, Measured)
+    fraction: float = 0.5
     patience: int = 8  # unconfirmed appearances before an entry may be replaced by a softer one
     delay: int = 4  # batch t reads the table as of step t − delay; ≥ loader look-ahead
     min_images: int = 2  # doppelgangers with fewer images are not proposed

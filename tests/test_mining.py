@@ -4,6 +4,8 @@ batches, exact resume, W = 1 → 2, and nothing changed when it is off."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -328,23 +330,117 @@ def test_off_changes_nothing(dist_pool, tmp_path):
     assert not any(k.startswith("mining/") for k in r["history"][0])
 
 
+def _score(trainer, images, labels) -> tuple[float, float]:
+    """Two losses of (images, labels) with the current encoder, changing nothing in the run:
+
+    * ``run``: the run's head (its memory holds every identity here), its buffers (Prototype
+      Memory's forward writes its memory) and step put back afterwards;
+    * ``batch``: a Prototype Memory of the run's options whose memory holds only this batch, so
+      the negatives are the batch's own identities: how hard the batch is in itself.
+
+    The encoder is a copy (train mode: batch statistics, as in training) and the global RNG state
+    is put back, so the run trains exactly as it would unscored."""
+    from pm_dist.heads.memory import PrototypeMemory
+
+    head = trainer.head
+    saved = {name: buf.clone() for name, buf in head.named_buffers()}
+    step, rng = head.step, torch.get_rng_state()
+    encoder = copy.deepcopy(trainer.engine.module).train()
+    P = len(torch.unique(labels))
+    alone = PrototypeMemory(head.dim, dataclasses.replace(head.config, capacity=P), head.margin,
+                            classes_per_batch=P, group=head.group)
+    try:
+        with torch.no_grad():
+            e = encoder(images).float()
+            return head(e, labels).loss.item(), alone(e, labels).loss.item()
+    finally:
+        for name, value in saved.items():
+            head.get_buffer(name).copy_(value)
+        head.step = step
+        torch.set_rng_state(rng)
+
+
+def _train_scored(out_dir, overrides, first, every):
+    """A mining run that, at steps first, first + every, … and before training on the step's mined
+    batch, scores it and the batch the sampler draws at that step without mining (the same
+    (seed, step): its first (1 − f)·P identities are the mined batch's randomly drawn ones), with
+    the same weights and memory (``_score``). Returns history, recovery and scores: per scored step
+    (step, (run, alone) of the mined batch, (run, alone) of the random one)."""
+    from pm_dist.distributed import init_distributed
+    from pm_dist.train import Trainer
+
+    cfg = load_config(None, BASE + [f"run.out_dir={out_dir}"] + overrides)
+    trainer = Trainer(cfg, init_distributed(), record_history=True)
+    loader = trainer.loader
+    plans = copy.copy(loader._plans)  # the loader's planner, with a sampler that does not mine
+    plans.sampler = copy.copy(loader.sampler)
+    plans.sampler.set_proposer(None)
+    fetch = loader._loader.dataset
+    train_step, scores = trainer.train_step, []
+    run = train_step._run
+
+    def scored_run(images, labels):
+        step = train_step.step
+        if step >= first and (step - first) % every == 0:
+            _, rnd_images, rnd_labels, _, _ = fetch[plans.plan(step)]
+            scores.append((step, _score(trainer, images, labels),
+                           _score(trainer, rnd_images, rnd_labels)))
+        return run(images, labels)
+
+    train_step._run = scored_run
+    trainer.fit()
+    gen = trainer.loader.dataset.generator
+    return dict(history=trainer.history, scores=scores,
+                recovery=planted_recovery(trainer.miner.table, gen.doppelganger_pairs()))
+
+
 def test_planted_pairs_recovered_and_mined_batches_harder(dist_pool, tmp_path):
     """Look-alike pairs planted in half the identities (twins at 0.1 of their independent distance),
-    memory for every identity, 100 steps of 16 × 2 at W = 1. Mining on (f = 0.5) against the same
-    run with the table kept but batches drawn at random (f = 0)."""
+    nuisance 0.25, memory for every identity, 100 steps of 16 × 2 at W = 1, mining on (f = 0.5).
+
+    Harder, at equal steps with equal weights: at every step from 40 on (60 steps), before training
+    on it, the step's mined batch and the batch drawn at that step without mining (the same first
+    (1 − f)·P identities, the rest at random) are scored by the same copy of the current encoder
+    (``_score``, which leaves the run unchanged). Asserted on the loss with a memory of the batch
+    alone (negatives: the batch's own identities). Measured, mean over the 60 steps, mined vs
+    random (mined higher at how many steps):
+
+        run seed 0, 1 thread   10.29 vs  8.29  (51/60)    recovery 0.224
+        run seed 1, 1 thread   12.31 vs 10.42  (52/60)    recovery 0.138
+        run seed 2, 1 thread   13.64 vs 11.77  (49/60)    recovery 0.190
+        run seed 0, 2 threads  11.38 vs  9.32  (47/60)    recovery 0.259
+        run seed 1, 2 threads  13.99 vs 11.58  (52/60)    recovery 0.241
+
+    (the steps' gaps scatter by ±1.8, so the mean's standard error is ≈ 0.23). With the run's own
+    memory, which holds every identity and hence every look-alike whatever the batch, the mined
+    batch is *not* measurably harder: 20.19 vs 20.10, 21.03 vs 20.97, 21.62 vs 21.44, 20.56 vs
+    20.26, 21.49 vs 21.36 (gaps +0.06 … +0.30, standard error 0.12–0.16): mining makes a batch
+    harder through the negatives the batch itself brings (docs/mining.md). That is printed, not
+    asserted.
+
+    Also: planted twins recovered ≥ 10 × chance (0.14–0.26 above vs chance 0.0084), and mined
+    pairs' class means closer than random pairs' (cos ≈ 0.7 vs ≈ 0.05)."""
     extra = ["run.steps=100", "data.doppelganger_fraction=0.5", "data.doppelganger_distance=0.1",
-             "head.memory.capacity=128", "mining.enabled=true"]
-    [on] = dist_pool(1).run(_train, str(tmp_path / "on"), extra + ["mining.fraction=0.5"])
-    [off] = dist_pool(1).run(_train, str(tmp_path / "off"), extra + ["mining.fraction=0"])
+             "data.nuisance=0.25", "head.memory.capacity=128", "mining.enabled=true",
+             "mining.fraction=0.5"]
+    [on] = dist_pool(1).run(_train_scored, str(tmp_path), extra, 40, 1)
     rec = on["recovery"]
-    print("recovery on:", rec, "off:", off["recovery"])
+    print("recovery:", rec)
     assert rec["filled"] == 1.0
-    assert rec["recovered"] >= 10 * rec["chance"], rec  # measured: 0.22 vs chance 0.0084
+    assert rec["recovered"] >= 10 * rec["chance"], rec  # measured: 0.14–0.26 vs chance 0.0084
+
+    steps = [s for s, _, _ in on["scores"]]
+    assert steps == list(range(40, 100))
+    (run_mined, alone_mined), (run_random, alone_random) = (
+        np.array([x[i] for x in on["scores"]]).T for i in (1, 2))
+    gap = alone_mined - alone_random
+    print(f"batch alone: mined {alone_mined.mean():.3f} random {alone_random.mean():.3f}, mined "
+          f"higher at {(gap > 0).sum()} of {len(gap)} steps; run's memory: mined "
+          f"{run_mined.mean():.3f} random {run_random.mean():.3f}")
+    assert gap.mean() > 0.5, (alone_mined.mean(), alone_random.mean())  # measured: 1.86 to 2.41
+    assert (gap > 0).mean() >= 0.65, gap  # measured: 0.78 to 0.87
+
     late = slice(50, 100)
-    loss_on = _mean([h["loss"] for h in on["history"][late]])
-    loss_off = _mean([h["loss"] for h in off["history"][late]])
-    print("loss on/off:", loss_on, loss_off)
-    assert loss_on > loss_off
     cos_mined = _mean([h["mining/cos_mined"] for h in on["history"][late]])
     cos_random = _mean([h["mining/cos_random"] for h in on["history"][late]])
     assert cos_mined > cos_random + 0.2, (cos_mined, cos_random)
