@@ -157,9 +157,11 @@ class _Wandb:
         if run_id is None:
             run_id = wandb.util.generate_id() if hasattr(wandb, "util") else os.urandom(4).hex()
             atomic_write_text(id_file, run_id + "\n")
+        # WANDB_MODE when set; otherwise wandb's own setting (`wandb offline`) decides
+        mode = {"mode": os.environ["WANDB_MODE"]} if os.environ.get("WANDB_MODE") else {}
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=run_dir.name,
                               id=run_id, resume="allow", dir=str(run_dir), config=config or {},
-                              mode=os.environ.get("WANDB_MODE", "online"))
+                              **mode)
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
