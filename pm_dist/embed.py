@@ -108,7 +108,7 @@ def write(out: str | os.PathLike, embeddings: np.ndarray, paths: list[str]) -> N
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pm_dist.checkpoint import CheckpointError
-    from pm_dist.distributed import get_rank, is_distributed
+    from pm_dist.distributed import get_rank, shutdown_distributed
     from pm_dist.eval.embed import EmbeddingError
     from pm_dist.eval.images import ImageDecodeError
 
@@ -122,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(paths)} images → {args.out} (float32 {list(embeddings.shape)}, "
               f"{'raw' if args.raw else 'L2-normalized'}{', flip-sum' if args.flip else ''}); "
               f"paths: {paths_file(args.out)}")
-    if is_distributed():
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

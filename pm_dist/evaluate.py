@@ -17,7 +17,7 @@ import sys
 
 from .checkpoint import CheckpointError
 from .config_io import ConfigError, parse_override
-from .distributed import init_distributed, is_distributed
+from .distributed import init_distributed, shutdown_distributed
 from .eval.binfile import BinFormatError
 from .eval.embed import EmbeddingError
 from .eval.images import ImageDecodeError
@@ -160,10 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_report(results, args.out)
-    if is_distributed():
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

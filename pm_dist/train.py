@@ -23,7 +23,7 @@ import torch
 from pm_dist.checkpoint import CheckpointError
 from pm_dist.config import RunConfig, load_config
 from pm_dist.config_io import ConfigError
-from pm_dist.distributed import DistEnv, average_buffers, init_distributed
+from pm_dist.distributed import DistEnv, average_buffers, init_distributed, shutdown_distributed
 from pm_dist.engine import initialize_encoder
 from pm_dist.heads import HeadContext, build_head
 from pm_dist.config_io import to_dict
@@ -276,19 +276,24 @@ def main(argv=None) -> int:
         return 2
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_process_group=True)
     try:
-        trainer = Trainer(cfg, env, resume=args.resume)
-        result = trainer.fit()
+        result = _train(cfg, env, args.resume)
     except CheckpointError as err:
         print(f"checkpoint error: {err}", file=sys.stderr)
         return 2
+    shutdown_distributed()
+    return EXIT_PREEMPTED if result["preempted"] else 0
+
+
+def _train(cfg, env: DistEnv, resume) -> dict:
+    """Train and report; the trainer (and the engine holding the process group) ends with it."""
+    trainer = Trainer(cfg, env, resume=resume)
+    result = trainer.fit()
     if result["preempted"]:
         if env.is_main:
             saved = " with a checkpoint of that step" if result["step"] else ""
             print(f"stopped at step {result['step']} ({result['preempted']}){saved}; "
                   f"exit {EXIT_PREEMPTED}: --resume auto continues", flush=True)
-        if env.backend is not None:
-            torch.distributed.destroy_process_group()
-        return EXIT_PREEMPTED
+        return result
     if env.is_main:
         lines = [f"final {r['name']}: accuracy {r['accuracy']:.4f} ± {r['accuracy_std']:.4f}"
                  for r in result["eval"] if r.get("kind") == "verification"]
@@ -296,10 +301,7 @@ def main(argv=None) -> int:
         for line in lines:
             print(line)
             append_to_log(trainer.run_dir, line)  # training.log closed with the run
-    if env.backend is not None:
-        torch.distributed.destroy_process_group()
-    return 0
-
+    return result
 
 if __name__ == "__main__":
     sys.exit(main())
