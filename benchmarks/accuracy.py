@@ -252,7 +252,7 @@ PM_OPTIONS = [
     ("overwrite", ["head.memory.refresh=overwrite"]),
     ("ema0.25", ["head.memory.ema_alpha=0.25"]),
     ("ema0.75", ["head.memory.ema_alpha=0.75"]),
-    ("leave_one_out", ["head.memory.positive=leave_one_out"]),
+    ("fresh", ["head.memory.positive=fresh"]),
     ("cap1%", ["head.memory.capacity={n1}"]),
     ("cap2.5%", ["head.memory.capacity={n2_5}"]),
     ("cap10%", ["head.memory.capacity={n10}"]),
@@ -263,9 +263,10 @@ PM_OPTIONS = [
 ]
 
 
-def pm_option_variants(n: int):
+def pm_option_variants(n: int, only: list[str] | None = None):
     shares = {"n1": n // 100, "n2_5": n // 40, "n10": n // 10, "n20": n // 5}
-    return lambda head: [(name, [o.format(**shares) for o in opts]) for name, opts in PM_OPTIONS]
+    return lambda head: [(name, [o.format(**shares) for o in opts]) for name, opts in PM_OPTIONS
+                         if only is None or name in only]
 
 
 def tuning_variants(head: str):
@@ -293,6 +294,14 @@ def _fmt(m, s, digits=3):
     return "–" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _columns(row: dict) -> int:
+    """Columns per step: an option that sets the memory's capacity overrides the case's."""
+    for opt in row.get("extra") or []:
+        if opt.startswith("head.memory.capacity="):
+            return int(opt.split("=", 1)[1])
+    return row["columns"]
+
+
 def report(rows: list[dict], machine_line: str = "") -> str:
     """Markdown: per (head, N, variant) the mean over seeds ± half the range; staleness table."""
     groups: dict[tuple, list[dict]] = {}
@@ -306,7 +315,7 @@ def report(rows: list[dict], machine_line: str = "") -> str:
     order = sorted(groups.items(), key=lambda kv: (kv[0][3] != "", kv[0][1], kv[0][2], kv[0][0],
                                                    kv[0][3], kv[0][4]))
     for (head, n, steps, variant, extra), rs in order:
-        cols = n if head == "full_fc" else min(rs[0]["columns"], n)
+        cols = n if head == "full_fc" else min(_columns(rs[0]), n)
         acc = _mean_spread([r.get("accuracy") for r in rs])
         tar3 = _mean_spread([_tar(r, 1e-3) for r in rs])
         tar4 = _mean_spread([_tar(r, 1e-4) for r in rs])
@@ -451,6 +460,9 @@ def main(argv=None) -> int:
         q.add_argument("--head-extra", nargs="*", default=[],
                        help="HEAD:key=value overrides for one head's runs (its tuned settings)")
         q.add_argument("--out-dir", default=f"bench_out/accuracy_{mode}")
+        if mode == "sweep":
+            q.add_argument("--variants", nargs="+", choices=[name for name, _ in PM_OPTIONS],
+                           default=None, help="run only these options (default: all)")
         if mode == "grid":
             q.add_argument("--pm-sweep-at", type=float, default=None, metavar="N",
                            help="queue the Prototype Memory option sweep at N after the grid "
@@ -473,7 +485,8 @@ def main(argv=None) -> int:
     if args.mode == "sweep" and len(args.identities) != 1:
         raise SystemExit("sweep: one --identities value (the capacity shares are of it)")
     variants = {"tune": tuning_variants, "grid": lambda head: [("", [])],
-                "sweep": pm_option_variants(int(args.identities[0]))}[args.mode]
+                "sweep": pm_option_variants(int(args.identities[0]), getattr(args, "variants", None))
+                }[args.mode]
     cases = _cases(args, args.heads, args.identities, args.seeds, variants)
     if args.mode == "grid" and args.pm_sweep_at:
         n = int(args.pm_sweep_at)

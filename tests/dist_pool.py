@@ -45,6 +45,7 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
             outbox.put(("ok", fn(*args, **kwargs)))
         except BaseException:  # report everything, keep serving
             outbox.put(("error", traceback.format_exc()))
+    dist.barrier()  # tear down together (as pm_dist.distributed.shutdown_distributed does)
     dist.destroy_process_group()
 
 

@@ -57,7 +57,7 @@ class ReferenceMemory:
       itself for a class with one exemplar. Prototypes carry gradient only with ``prototype_grad``.
     """
 
-    def __init__(self, capacity, world_size, *, generation="normalized_mean", positive="fresh",
+    def __init__(self, capacity, world_size, *, generation="normalized_mean", positive="leave_one_out",
                  refresh="ema", ema_alpha=0.5, eviction="oldest_refresh", forget_after=None,
                  prototype_grad=False, **_ignored):
         self.capacity, self.world_size = capacity, world_size

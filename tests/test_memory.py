@@ -170,16 +170,17 @@ def test_matches_reference_for_200_steps(dist_pool, world):
 
 
 VARIANTS = {  # every option of MemoryConfig away from its default, at uneven shards (M = 25)
-    "defaults": (2, dict(capacity=25, num_classes=NUM_IDS), COSFACE),
+    "defaults": (2, dict(capacity=25, num_classes=NUM_IDS), COSFACE),  # leave-one-out positives
     "raw_loo_overwrite_fifo": (3, dict(capacity=25, num_classes=NUM_IDS, generation="raw_mean",
                                        positive="leave_one_out", refresh="overwrite",
                                        eviction="fifo", forget_after=5), ARCFACE),
-    "loo_ema_alpha": (2, dict(capacity=25, num_classes=NUM_IDS, positive="leave_one_out",
-                              ema_alpha=0.8), COSFACE),
+    "ema_alpha": (2, dict(capacity=25, num_classes=NUM_IDS, ema_alpha=0.8), COSFACE),
+    "fresh": (3, dict(capacity=25, num_classes=NUM_IDS, positive="fresh"), COSFACE),
     "prototype_grad_ema": (3, dict(capacity=25, num_classes=NUM_IDS, prototype_grad=True,
-                                   forget_after=4), ARCFACE),
+                                   positive="fresh", forget_after=4), ARCFACE),
     "prototype_grad_raw_overwrite_fifo": (2, dict(capacity=25, num_classes=NUM_IDS,
-                                                  prototype_grad=True, generation="raw_mean",
+                                                  prototype_grad=True, positive="fresh",
+                                                  generation="raw_mean",
                                                   refresh="overwrite", eviction="fifo"), COSFACE),
 }
 

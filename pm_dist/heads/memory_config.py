@@ -28,9 +28,9 @@ class MemoryConfig:
     num_classes: int | None = None  # N: identities in the dataset (from the data); sizes the table
     # how a class's prototype is made from its exemplars in the global batch
     generation: Literal["normalized_mean", "raw_mean"] = "normalized_mean"
-    # target of a batch sample: its class slot as refreshed this step, or its class's prototype
-    # without the sample itself
-    positive: Literal["fresh", "leave_one_out"] = "fresh"
+    # target of a batch sample: its class's prototype from the batch without the sample itself,
+    # or its class slot as refreshed this step (which includes the sample: an easier target)
+    positive: Literal["fresh", "leave_one_out"] = "leave_one_out"
     # a class already in memory: p ← normalize(α·p_old + (1−α)·p_new), or p ← p_new
     refresh: Literal["ema", "overwrite"] = "ema"
     ema_alpha: float = 0.5
@@ -65,7 +65,8 @@ class MemoryConfig:
             # The distributed softmax takes no gradient through per-row target vectors, so the
             # leave-one-out positive could not carry it: refuse rather than silently drop it.
             raise ValueError("memory options prototype_grad=True and positive='leave_one_out' "
-                             "cannot be combined: the leave-one-out target takes no gradient")
+                             "cannot be combined: the leave-one-out target takes no gradient "
+                             "(set positive: fresh to differentiate through the prototypes)")
         return self
 
     @property
