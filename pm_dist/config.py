@@ -44,7 +44,7 @@ class RunSection:
 
     def validate(self):
         if self.steps is not None and self.epochs is not None:
-            raise ValueError(f"run.steps={self.steps} and run.epochs={self.epochs} are mutually "
+            raise ValueError(f"run.steps={self.steps} and run.epochs={self.epochs:g} are mutually "
                              "exclusive: set one (e.g. run.steps=null run.epochs=20)")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
