@@ -49,6 +49,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.head_step --out $(BENCH_OUT)/head_step.json
 	$(PY) -m benchmarks.data_throughput --out $(BENCH_OUT)/data_throughput.json
 	$(PY) -m benchmarks.train_throughput --out $(BENCH_OUT)/train_throughput.json
+	$(PY) -m benchmarks.accuracy grid --identities 1e3 1e4 --seeds 0 1 --jobs $(NPROC) \
+		--head-extra full_fc:head.lr_scale=100 partial_fc:head.lr_scale=100 --out-dir $(BENCH_OUT)/accuracy
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

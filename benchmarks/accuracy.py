@@ -306,8 +306,9 @@ def report(rows: list[dict], machine_line: str = "") -> str:
     """Markdown: per (head, N, variant) the mean over seeds ± half the range; staleness table."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["head"], r["identities"], r["steps"], r.get("variant") or "",
-                           tuple(r.get("extra") or [])), []).append(r)
+        extra = tuple(([f"base: {r['base']}"] if r.get("base") else []) + list(r.get("extra") or []))
+        groups.setdefault((r["head"], r["identities"], r["steps"], r.get("variant") or "", extra),
+                          []).append(r)
     lines = [f"Machine: {machine_line}" if machine_line else "",
              "| head | N | steps | columns/step | options | seeds | verification acc. | TAR@FAR=1e-3 | "
              "TAR@FAR=1e-4 | rank-1 | loss first → last | s/run |",
