@@ -192,7 +192,7 @@ def test_shell_sessions_show_real_output(where, command, output, monkeypatch):
 # config error messages quoted in the prose → the arguments that produce them
 QUOTED_ERRORS = {
     "config error: run.steps: expected an integer, got '1e3'": ["run.steps=1e3"],
-    "config error: run: run.steps=101160 and run.epochs=20.0 are mutually exclusive: set one "
+    "config error: run: run.steps=101160 and run.epochs=20 are mutually exclusive: set one "
     "(e.g. run.steps=null run.epochs=20)": ["--config", "configs/ms1mv3_r50_pm.yaml", "run.epochs=20"],
     "config error: run.wandb: true needs the wandb package, which is not installed: pip install "
     "'pm_dist[wandb]' (or pip install wandb), or set run.wandb=false": ["run.wandb=true"],
