@@ -132,6 +132,11 @@ class Trainer:
             margin=cfg.head.margin.build(), seed=cfg.run.seed, device=self.device)
         head = build_head(cfg.head.name, cfg.head.options, context)
         if not head.learned:
+            if cfg.head.margin.kind == "arcface":  # measured, not forbidden: say so once
+                self._log_main("warning: head.margin.kind=arcface with a head without learned "
+                               "weights: in the accuracy benchmark the Prototype Memory collapsed "
+                               "under ArcFace (docs/prototype_memory.md, 'Why these defaults'); "
+                               "cosface is the measured choice")
             return head, None, None
         optimizer = build_optimizer(head.parameters(), cfg, cfg.head.lr_scale)
         return head, optimizer, build_scheduler(optimizer, cfg)

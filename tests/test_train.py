@@ -272,3 +272,26 @@ def _train_with_a_starved_rank(out_dir, overrides):
 def test_a_rank_left_with_one_image_skips_the_step_on_every_rank(dist_pool, tmp_path):
     results = dist_pool(2).run(_train_with_a_starved_rank, str(tmp_path), ["run.steps=4"])
     assert results == [[0.0, 0.0, 1.0, 0.0]] * 2
+
+
+def _startup_output(out_dir, overrides):
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        Trainer(load_config(None, BASE + [f"run.out_dir={out_dir}"] + overrides), init_distributed())
+    return buf.getvalue()
+
+
+def test_the_memory_with_arcface_warns_at_start_and_a_learned_head_does_not(dist_pool, tmp_path):
+    """The accuracy benchmark saw the memory collapse under ArcFace: a run that asks for it is
+    told so once, on rank 0; Full FC with ArcFace (arcface_torch's choice) is not."""
+    pool = dist_pool(1)
+    memory = pool.run(_startup_output, tmp_path / "pm", ["head.margin.kind=arcface"])[0]
+    assert memory.count("warning: head.margin.kind=arcface") == 1
+    assert "prototype_memory.md" in memory
+    cosface = pool.run(_startup_output, tmp_path / "pm_cos", [])[0]
+    full_fc = pool.run(_startup_output, tmp_path / "fc", ["head.name=full_fc",
+                                                         "head.margin.kind=arcface"])[0]
+    assert "warning" not in cosface and "warning" not in full_fc
