@@ -173,3 +173,16 @@ def test_normalize_rows_float32_reuses_its_buffer_between_steps():
         b = w.clone().requires_grad_(True)
         normalize_rows(b, reuse_grad=True).backward(upstream.clone())
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, 64, 1000])
+def test_row_dots_in_blocks_equal_the_plain_sum(rows_per_chunk):
+    """The blocked row-wise dot product of the normalization's backward, with blocks that do not
+    divide the rows, one row per block, and one block for all."""
+    from pm_dist.heads.fc import _row_dots
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 50, 13, generator=g, dtype=torch.float64)
+    out = _row_dots(a, b, rows_per_chunk=rows_per_chunk)
+    assert out.shape == (50, 1)
+    torch.testing.assert_close(out, (a * b).sum(1, keepdim=True), rtol=1e-12, atol=1e-12)
