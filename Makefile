@@ -37,7 +37,7 @@ demo: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m pm_dist.train $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # CPU-sized benchmarks, results under $(BENCH_OUT)/ (BENCH_ARGS=--full for head_scaling's sizes).
 BENCH_OUT ?= bench_out

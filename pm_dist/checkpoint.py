@@ -15,8 +15,10 @@ and only then deletes the old one, so a kill at any moment leaves a whole ``step
 a crash are cleaned when the next run starts (``clean_leftovers``).
 
 **Lines.** Every checkpoint records a random ``id`` and the ``parent`` it descends from (the
-checkpoint the run resumed from, or its previous save). Pruning keeps the newest
-``run.keep_checkpoints`` of *this run's line* only; checkpoints of other lines are never pruned.
+checkpoint the run resumed from, or its previous save). A re-save that replaces its own parent
+(a finished run resumed, saving its last step again) takes over the replaced one's parent, so the
+line stays connected. Pruning keeps the newest ``run.keep_checkpoints`` of *this run's line* only;
+checkpoints of other lines are never pruned.
 When a run starts from a checkpoint (or from nothing), every ``step_*`` newer than that start is
 moved aside into ``checkpoints/aside-<time>/`` (never deleted) and the run says so: a rollback's
 own checkpoints can then never lose to those of the run it abandoned, and ``--resume auto`` after a
@@ -161,6 +163,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, engine, head_state: dict
     error = None
     if rank == 0:
         try:
+            parent = _inherited_parent(final, parent)
             files = {k: v for part in parts for k, v in sorted(part.items())}
             record = {"format": FORMAT, "version": VERSION, "step": step, "id": ckpt_id,
                       "parent": parent, **meta, "files": dict(sorted(files.items()))}
@@ -176,6 +179,17 @@ def save_checkpoint(root: str | os.PathLike, step: int, engine, head_state: dict
             error = f"{type(err).__name__}: {err}"
     _raise_together(error, f"publishing checkpoint {final}")
     return final, ckpt_id
+
+
+def _inherited_parent(final: Path, parent: str | None) -> str | None:
+    """The parent of a checkpoint about to be saved at ``final``: ``parent``, unless ``final``
+    already holds that very checkpoint (a run re-saving the step it resumed from or last saved),
+    whose directory the save replaces: then its own parent, so the line stays connected."""
+    if final.is_dir():
+        replaced = _read_json(final / "meta.json")
+        if replaced and replaced.get("id") is not None and replaced.get("id") == parent:
+            return replaced.get("parent")
+    return parent
 
 
 def _replace_dir(new: Path, final: Path) -> None:

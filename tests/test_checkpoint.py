@@ -77,6 +77,21 @@ def test_prune_never_touches_another_line(tmp_path):
     assert _names(tmp_path) == ["step_00000001", "step_00000003"]
 
 
+def test_resaving_a_step_keeps_the_line_connected(tmp_path):
+    """A finished run resumed saves its last step again, with that step as its parent: the re-save
+    takes over the replaced one's parent, so later saves still prune the older ones of the line."""
+    ids = [None]
+    for step in (1, 2, 3):
+        ids.append(_save(tmp_path, step, parent=ids[-1], keep=2)[1])
+    assert _names(tmp_path) == ["step_00000002", "step_00000003"]
+    _, again = _save(tmp_path, 3, parent=ids[3], keep=2)
+    assert read_meta(tmp_path / "step_00000003")["parent"] == ids[2]
+    assert _names(tmp_path) == ["step_00000002", "step_00000003"]
+    _, last = _save(tmp_path, 4, parent=again, keep=2)
+    assert _names(tmp_path) == ["step_00000003", "step_00000004"]  # step 2 pruned, none leaks
+    assert [p.name for p in ckpt_mod._line(tmp_path, last)] == _names(tmp_path)
+
+
 def test_auto_passes_over_damaged_newer_and_sets_it_aside(tmp_path):
     _, a = _save(tmp_path, 1)
     _save(tmp_path, 2, parent=a)

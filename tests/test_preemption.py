@@ -104,6 +104,12 @@ def test_exit_codes_of_the_command(tmp_path):
     stop.touch()
     bad = tmp_path / "bad" / "checkpoints" / "step_00000004"
     bad.mkdir(parents=True)  # no meta.json: nothing verifies
+    metrics = tmp_path / "bad" / "metrics.jsonl"  # the earlier run's record, kept on refusal
+    metrics.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    events = tmp_path / "bad" / "tensorboard" / "events.out.tfevents.0.host"
+    events.parent.mkdir()
+    events.write_bytes(b"earlier events")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (metrics, events)}
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "pm_dist.train", *BASE, "run.steps=2", "eval.synthetic_pairs=0"]
@@ -119,7 +125,9 @@ def test_exit_codes_of_the_command(tmp_path):
     assert "stopped at step 0" in out_s
     assert refused.returncode == 2, out_r[-3000:]
     assert "checkpoint error: --resume auto:" in out_r and "auto-or-fresh" in out_r
-    assert bad.is_dir()  # refused: nothing moved
+    assert bad.is_dir()  # refused: nothing moved, truncated or purged
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+    assert sorted(events.parent.iterdir()) == [events]
 
 
 def test_sigterm_to_every_process_saves_even_with_loader_workers(tmp_path):
