@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from pm_dist.models import MODEL_NAMES, build_model
+from pm_dist.models import build_model, canonical_name
 
 
 def train_throughput(arch: str, image_size: int, batch: int, steps: int = 10, warmup: int = 2,
@@ -36,14 +36,29 @@ def train_throughput(arch: str, image_size: int, batch: int, steps: int = 10, wa
     return batch * steps / (time.perf_counter() - start)
 
 
-def main(argv: list[str] | None = None) -> None:
+def arch_name(name: str) -> str:
+    """``--arch``: a pm_dist encoder name or an insightface one (r18, r34, r50, r100, mbf),
+    resolved to pm_dist's; an unknown name is refused with the valid ones."""
+    try:
+        return canonical_name(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.encoder_speed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="tiny", choices=MODEL_NAMES)
+    parser.add_argument("--arch", default="tiny", type=arch_name,
+                        help="encoder: tiny, mobilefacenet, iresnet18/34/50/100, or insightface's "
+                             "r18, r34, r50, r100, mbf")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rate = train_throughput(args.arch, args.image_size, args.batch, args.steps)

@@ -1,15 +1,20 @@
 """The user-facing docs against the code, so that a doc claim that drifts fails here:
 
-* every ``python -m pm_dist.*`` / ``torchrun … -m pm_dist.*`` command shown parses with the real
-  command line (flags spelled out exactly: no argparse abbreviations), and each training command's
-  config file and overrides load;
+* every ``python -m pm_dist.*`` / ``torchrun … -m pm_dist.*`` / ``python -m benchmarks.*`` command
+  shown in a code block parses with the real command line (flags spelled out exactly: no argparse
+  abbreviations), and each training command's config file and overrides load (a command naming a
+  plugin of the reader's, ``--plugin``/``PM_DIST_PLUGINS``, only parses); an inline command names
+  a real module;
 * every error shown after a ``$ python -m pm_dist.train …`` line, and every ``config error: …``
   quoted in the text, is the message the command prints;
-* every ``--flag`` named in the text exists on one of pm_dist's commands;
-* every config key named (``run.steps``, ``head.memory.*``, ``key=value``) exists in the config tree;
+* every ``--flag`` named in the text exists on one of pm_dist's commands or benchmarks;
+* every config key named (``run.steps``, ``head.memory.*``, ``key=value``) exists in the config tree,
+  and docs/training.md's key table lists every key of the sections it covers, with the code's
+  defaults;
 * every repository path (``pm_dist/…``, ``configs/…``, ``tests/…``) exists, and every
   ``pm_dist.x.y`` named is importable;
-* the statements of docs/training.md about exponents and ``head.memory.*`` overrides hold.
+* the statements of docs/training.md about exponents, ``head.memory.*`` overrides and the epoch
+  resolution's log line hold.
 """
 
 from __future__ import annotations
@@ -24,29 +29,49 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pm_dist.config import RunConfig, load_config
 from pm_dist.config_io import ConfigError, typed_keys
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["README.md", "docs/models.md", "docs/evaluation.md", "docs/training.md", "docs/data.md"]
+FILES = ["README.md", "docs/models.md", "docs/evaluation.md", "docs/training.md", "docs/data.md",
+         "docs/extending.md", "docs/architecture.md", "docs/heads.md", "docs/prototype_memory.md",
+         "docs/launch.md", "docs/benchmarks.md", "docs/mining.md"]
 TEXT = {f: (ROOT / f).read_text() for f in FILES}
 SECTIONS = tuple(typed_keys(RunConfig))
 FILE_ENDINGS = (".md", ".py", ".json", ".jsonl", ".yaml", ".pt", ".pth", ".png", ".txt", ".npy",
                 ".bin", ".onnx", ".log", ".csv", ".arrow")
 
 
-def _blocks(text: str) -> list[str]:
+def _fenced(text: str) -> list[str]:
     return re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
 
 
+def _indented(text: str) -> list[str]:
+    """Markdown's other code block: lines indented by four spaces after a blank line (outside
+    fences), the indent removed."""
+    out, unfenced = [], re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
+    for m in re.finditer(r"(?:^|\n)\n((?: {4}[^\n]*\n?)+)", unfenced):
+        out.append("\n".join(line[4:] for line in m.group(1).splitlines()) + "\n")
+    return out
+
+
+def _blocks(text: str) -> list[str]:
+    return _fenced(text) + _indented(text)
+
+
 def _prose(text: str) -> str:
-    return re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
+    text = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
+    return re.sub(r"(?:^|\n)\n(?: {4}[^\n]*\n?)+", "\n\n", text)
 
 
 def _spans(text: str) -> list[str]:
     """Inline code spans of the prose (they may wrap over a line break), whitespace collapsed."""
     return [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", _prose(text))]
+
+
+COMMAND = re.compile(r"-m (pm_dist|benchmarks)\.")
 
 
 def _commands(text: str) -> list[str]:
@@ -60,10 +85,10 @@ def _commands(text: str) -> list[str]:
                 continue
             for name, value in variables.items():
                 line = line.replace(f"${name}", value)
-            if line.lstrip().startswith("$"):  # a shell session: test_shell_sessions_show_real_output
+            if line.lstrip().startswith(("$", "#")):  # a shell session (tested below), a comment
                 continue
             line = re.sub(r"\[--[^\]]*\]", "", line)  # usage notation: [--opset 17]
-            if re.search(r"-m pm_dist\.", line):
+            if COMMAND.search(line):
                 out.append(line)
     return out
 
@@ -114,7 +139,33 @@ def _parsers() -> dict:
 
     return {"pm_dist.train": train_parser(), "pm_dist.evaluate": evaluate.build_parser(),
             "pm_dist.export": export.build_parser(), "pm_dist.embed": embed.build_parser(),
-            "pm_dist.data.convert": convert.parser()}
+            "pm_dist.data.convert": convert.parser(),
+            **{module: _benchmark_parser(module) for module in BENCHMARKS}}
+
+
+BENCHMARKS = sorted(f"benchmarks.{p.stem}" for p in (ROOT / "benchmarks").glob("*.py")
+                    if p.stem not in ("__init__", "common") and "def main(" in p.read_text())
+
+
+class _Captured(Exception):
+    pass
+
+
+def _benchmark_parser(module: str) -> argparse.ArgumentParser:
+    """The parser a benchmark's ``main`` builds (each builds it inside main), taken at its
+    ``parse_args`` call, before the benchmark runs anything."""
+    def capture(self, *a, **k):
+        raise _Captured(self)
+
+    saved = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        importlib.import_module(module).main([])
+    except _Captured as c:
+        return c.args[0]
+    finally:
+        argparse.ArgumentParser.parse_args = saved
+    raise AssertionError(f"{module}.main never parsed its arguments")
 
 
 def _parse(line: str):
@@ -124,14 +175,19 @@ def _parse(line: str):
     tokens = shlex.split(line, comments=True)
     i = tokens.index("-m")
     module, argv = tokens[i + 1], tokens[i + 2:]
-    argv = [a for a in argv if a not in ("…", "...")]
+    argv = [a for a in argv if a not in ("…", "...", "$@")]  # "$@": a launcher script's arguments
     parsers = {"pm_dist.evaluate": evaluate.build_parser, "pm_dist.export": export.build_parser,
                "pm_dist.embed": embed.build_parser, "pm_dist.data.convert": convert.parser}
+    # the reader's own plugin (docs/extending.md): the command line parses, its config is theirs
+    plugin = "--plugin" in argv or any(t.startswith("PM_DIST_PLUGINS=") for t in tokens[:i])
     if module == "pm_dist.train":
         args = train.parse_args(argv)
-        load_config(args.config, args.overrides)
+        if not plugin:
+            load_config(args.config, args.overrides)
     elif module in parsers:
         parsers[module]().parse_args(argv)
+    elif module in BENCHMARKS:
+        _benchmark_parser(module).parse_args(argv)
     else:
         pytest.fail(f"no parser known for {module}")
     return module
@@ -155,6 +211,23 @@ def test_command_parses(where, line, monkeypatch, strict_argparse):
         _parse(line)
     except SystemExit as exc:
         pytest.fail(f"{where}: `{line.strip()}` does not parse (exit {exc.code})")
+
+
+def test_inline_commands_name_real_modules():
+    """Inline mentions (`python -m pm_dist.export --encoder runs/x/checkpoints`) are often partial;
+    their flags are checked below, their module here."""
+    known = set(_parsers())
+    named = {(f, m) for f in FILES for s in _spans(TEXT[f]) for m in re.findall(r"-m ([\w.]+)", s)}
+    assert len(named) > 10
+    assert not sorted((f, m) for f, m in named if m not in known)
+
+
+def test_the_benchmark_commands_are_checked():
+    assert {"benchmarks.encoder_speed", "benchmarks.accuracy", "benchmarks.head_scaling",
+            "benchmarks.train_throughput"} <= {shlex.split(c, comments=True)[shlex.split(
+                c, comments=True).index("-m") + 1] for _, c in COMMANDS}
+    with pytest.raises(SystemExit):
+        _benchmark_parser("benchmarks.encoder_speed").parse_args(["--arch", "r5O"])
 
 
 def test_strict_parsing_refuses_an_abbreviation(strict_argparse):
@@ -214,7 +287,11 @@ def test_quoted_config_errors_are_real(message, monkeypatch):
 
 # --- flags, keys, paths, names ---------------------------------------------------------------
 OTHER_TOOLS_FLAGS = {"--standalone", "--nproc_per_node", "--nnodes", "--max-restarts",  # torchrun
-                     "--logdir"}  # tensorboard
+                     "--rdzv_id", "--rdzv_backend", "--rdzv_endpoint",
+                     "--logdir",  # tensorboard
+                     "--account", "--cpus-per-task", "--gpus-per-node", "--kill-on-bad-exit",  # slurm
+                     "--no-requeue", "--nodes", "--ntasks-per-node", "--open-mode", "--partition",
+                     "--requeue", "--signal", "--time"}
 
 
 def _all_flags() -> set[str]:
@@ -236,11 +313,25 @@ def test_flags_named_in_the_text_exist():
              for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", s)}
     assert len(named) > 20
     missing = sorted((f, flag) for f, flag in named if flag not in known)
-    assert not missing, f"flags named in the docs that no pm_dist command has: {missing}"
+    assert not missing, f"flags named in the docs that no pm_dist command or benchmark has: {missing}"
 
 
 REMOVED_KEYS = {"data.proposal_fraction"}  # named as gone; must be refused
 NOT_KEYS = {"deepspeed.initialize"}  # DeepSpeed's function, named in the text
+PLUGIN_KEYS = {"head.centers"}  # docs/extending.md's example head: tests/plugins/toy_plugin.py
+
+
+def _head_attribute(key: str) -> bool:
+    """``head.step``, ``head.shard_state()``: the head object's attributes, not config keys."""
+    from pm_dist.heads import Head
+    from pm_dist.heads.memory import PrototypeMemory
+
+    section, _, name = key.partition(".")
+    if section != "head" or "." in name:
+        return False
+    memory_source = (ROOT / "pm_dist" / "heads" / "memory.py").read_text()
+    return (hasattr(Head, name) or hasattr(PrototypeMemory, name)
+            or re.search(rf"self\.{name}\s*[:=]", memory_source) is not None)
 
 
 def _session_keys() -> set[str]:
@@ -275,9 +366,13 @@ def _key_exists(key: str) -> bool:
 def test_config_keys_named_in_the_docs_exist():
     named = {(f, k) for f in FILES for k in _config_keys(TEXT[f])}
     assert len(named) > 60 and ("docs/training.md", "head.memory") in named
-    ignored = REMOVED_KEYS | NOT_KEYS | _session_keys()
-    missing = sorted((f, k) for f, k in named if k not in ignored and not _key_exists(k))
+    ignored = REMOVED_KEYS | NOT_KEYS | PLUGIN_KEYS | _session_keys()
+    missing = sorted((f, k) for f, k in named
+                     if k not in ignored and not _key_exists(k) and not _head_attribute(k))
     assert not missing, f"config keys named in the docs that the config does not have: {missing}"
+    toy = (ROOT / "tests" / "plugins" / "toy_plugin.py").read_text()
+    for key in PLUGIN_KEYS:
+        assert f'register_head("{key.split(".")[1]}"' in toy, key
     for key in REMOVED_KEYS:
         assert not _key_exists(key)
         with pytest.raises(ConfigError):
@@ -290,7 +385,17 @@ REPO_DIRS = ("pm_dist/", "configs/", "docs/", "tests/", "launch/", "benchmarks/"
 def test_repository_paths_named_exist():
     named = {(f, s) for f in FILES for s in _spans(TEXT[f]) if s.startswith(REPO_DIRS) and " " not in s}
     assert len(named) > 20
-    missing = sorted((f, p) for f, p in named if not (ROOT / p).exists())
+
+    def exists(path: str) -> bool:  # a file, or a test: tests/test_x.py::test_name (… a prefix)
+        path, _, test = path.partition("::")
+        if not (ROOT / path).exists():
+            return False
+        name = test.rstrip("…").split("[")[0]
+        end = "" if test.endswith("…") else r"\b"
+        return not test or re.search(rf"^(async )?def {re.escape(name)}{end}", (ROOT / path).read_text(),
+                                     flags=re.M) is not None
+
+    missing = sorted((f, p) for f, p in named if not exists(p))
     assert not missing, f"paths named in the docs that do not exist: {missing}"
 
 
@@ -442,11 +547,12 @@ def _names_under(cls) -> set[str]:
 
 def test_config_tree_table_names_real_keys():
     from pm_dist.models import MODEL_NAMES
+    from pm_dist.models.registry import ALIASES
 
-    rows = _table(TEXT["docs/training.md"], "### The config tree", "### Overrides")
+    rows = _table(TEXT["docs/training.md"], "### The config tree", "### Every key")
     assert [r[0].strip("`") for r in rows] == list(SECTIONS)
     # values a key takes that the types do not list (free strings checked by validate())
-    values = set(MODEL_NAMES) | {"synthetic", "arrow", "uniform", "count", "prototype_memory"}
+    values = set(MODEL_NAMES) | set(ALIASES) | {"synthetic", "arrow", "uniform", "count", "prototype_memory"}
     for row in rows:
         section = row[0].strip("`")
         known = _names_under(typed_keys(RunConfig)[section]) | values
@@ -455,6 +561,112 @@ def test_config_tree_table_names_real_keys():
                 continue
             first, *rest = token.split("/")
             assert first in known and all(r.isdigit() for r in rest), f"{section}: `{token}`"
+
+
+def _leaf_keys(cls, prefix: str = "") -> dict[str, tuple]:
+    """``{"run.steps": (type hint, default), ...}`` for every key below ``cls``."""
+    import dataclasses
+
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else
+                         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(cls)}
+    out = {}
+    for key, hint in typed_keys(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out.update(_leaf_keys(hint, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = (hint, defaults[key])
+    return out
+
+
+# sections documented with their defaults elsewhere: data.md's and prototype_memory.md's tables
+ELSEWHERE = {"data": "docs/data.md", "head.memory": "docs/prototype_memory.md"}
+
+
+def test_every_key_table_lists_every_key_with_its_default():
+    """docs/training.md's "Every key" table against the config tree, both directions: every key of
+    pm_dist's sections (not a plugin's) is a row, every row a key, and each default is the code's."""
+    from pm_dist.config_io import _coerce
+
+    text = TEXT["docs/training.md"]
+    assert all(f"({Path(doc).name}#configuration)" in text[text.index("### Every key"):]
+               for doc in ELSEWHERE.values())
+    rows = {r[0].strip("`"): r[1] for r in _table(text, "### Every key", "### Overrides")}
+    keys = {k: v for k, v in _leaf_keys(RunConfig).items()
+            if not k.startswith(tuple(f"{s}." for s in ELSEWHERE))}
+    keys = {k: v for k, v in keys.items()  # a plugin's head (tests/plugins) registered by another test
+            if not k.startswith("head.") or k.split(".")[1] not in _plugin_sections()}
+    assert sorted(set(keys) - set(rows)) == [], "keys missing from the table"
+    assert sorted(set(rows) - set(keys)) == [], "rows of the table that are no config key"
+    for key, shown in rows.items():
+        hint, default = keys[key]
+        value = _coerce(yaml.safe_load(shown.strip("`")), hint, key)
+        assert value == default, f"{key}: the table says {shown}, the code {default!r}"
+
+
+def test_cpu_demo_shows_every_key_with_its_default(monkeypatch):
+    """'`configs/cpu_demo.yaml` shows every key with its default' (docs/training.md)."""
+    from pm_dist.config_io import to_dict
+
+    monkeypatch.chdir(ROOT)
+    assert "`configs/cpu_demo.yaml` shows every key with its default" in TEXT["docs/training.md"]
+
+    def flat(tree: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out.add(f"{prefix}{key}")
+        return out
+
+    shown = flat(yaml.safe_load((ROOT / "configs" / "cpu_demo.yaml").read_text()))
+    keys = {k for k in _leaf_keys(RunConfig) if not k.startswith("head.")
+            or k.split(".")[1] not in _plugin_sections()}
+    assert shown == keys - {"head.memory.num_classes"}  # set by the trainer, never by a config
+    assert to_dict(load_config("configs/cpu_demo.yaml")) == to_dict(load_config(None))
+
+
+def _plugin_sections() -> set[str]:
+    from pm_dist.config import HeadSection
+
+    return {name for name, cls in HeadSection.open_sections().items()
+            if not cls.__module__.startswith("pm_dist.")}
+
+
+def test_memory_options_table_matches_memory_config():
+    import dataclasses
+
+    from pm_dist.heads.memory_config import MemoryConfig
+
+    rows = _table(TEXT["docs/prototype_memory.md"], "## Configuration", "The margin (CosFace")
+    shown = {r[0].strip("`"): r[1].strip("`") for r in rows}
+    fields = {f.name: f.default for f in dataclasses.fields(MemoryConfig) if f.init}
+    assert set(shown) == set(fields)
+    for name, value in shown.items():
+        if name == "num_classes":
+            assert value == "from the data" and fields[name] is None
+            continue
+        assert yaml.safe_load(value) == fields[name] or value == str(fields[name]), name
+
+
+def test_epoch_resolution_line_is_what_the_run_prints(monkeypatch):
+    """The sample line of docs/training.md's "Epochs instead of steps" is describe_resolution's
+    output for the command shown above it (the embedded default's synthetic identities)."""
+    from pm_dist.data.datasets import build_dataset
+    from pm_dist.train import parse_args
+    from pm_dist.training.optim import describe_resolution, resolve_epochs
+    from pm_dist.training.outputs import dataset_images
+
+    monkeypatch.chdir(ROOT)
+    text = TEXT["docs/training.md"]
+    section = text[text.index("## Epochs instead of steps"):]
+    command, shown = _blocks(section)[:2]
+    argv = shlex.split(command.replace("\\\n", " "))
+    args = parse_args(argv[argv.index("-m") + 2:])
+    cfg = load_config(args.config, args.overrides)
+    line = describe_resolution(resolve_epochs(cfg, dataset_images(build_dataset(cfg.data), needed=True)))
+    assert shown.strip() == line
 
 
 def test_recipe_table_matches_the_recipes(monkeypatch):

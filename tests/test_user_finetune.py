@@ -37,7 +37,8 @@ def _build(out_dir, overrides, resume="none", fit=False):
             trainer.loader.close()
             trainer.metrics.close()
     weights = {k: v.detach().float().clone() for k, v in trainer.engine.module.state_dict().items()}
-    return {"stdout": out.getvalue(), "weights": weights, "name": cfg.model.name}
+    head = {k: v.detach().cpu().clone() for k, v in trainer.head.state_dict().items()}
+    return {"stdout": out.getvalue(), "weights": weights, "name": cfg.model.name, "head": head}
 
 
 # --- insightface names ------------------------------------------------------------------------
@@ -52,6 +53,21 @@ def test_insightface_names_in_config(alias, name):
 def test_unknown_arch_suggests_in_config():
     with pytest.raises(ConfigError, match="did you mean 'r50'"):
         load_config(None, ["model.name=r5O"])
+
+
+def test_encoder_speed_benchmark_takes_insightface_arch(capsys):
+    """``python -m benchmarks.encoder_speed --arch r50``: the alias resolves; a typo is refused."""
+    from benchmarks import encoder_speed
+
+    for alias, name in (("r50", "iresnet50"), ("mbf", "mobilefacenet"), ("iresnet18", "iresnet18")):
+        assert encoder_speed.build_parser().parse_args(["--arch", alias]).arch == name
+    with pytest.raises(SystemExit) as exit_:
+        encoder_speed.build_parser().parse_args(["--arch", "r5O"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown encoder 'r5O'" in err and "did you mean 'r50'" in err
+    encoder_speed.main(["--arch", "r18", "--image-size", "16", "--batch", "2", "--steps", "1"])
+    assert capsys.readouterr().out.startswith("iresnet18 S=16 batch=2 ")
 
 
 def test_evaluate_and_export_take_insightface_arch(tmp_path, capsys):
@@ -105,6 +121,59 @@ def test_init_from_mismatch_names_file_and_key(dist_pool, tmp_path):
                          ["model.name=r18", f"model.init_from={tmp_path / 'tiny.pt'}"])
     with pytest.raises(ConfigError, match="model.init_from: .*missing.pt does not exist"):
         load_config(None, [f"model.init_from={tmp_path / 'missing.pt'}"]).preflight(1)
+
+
+def test_init_from_refuses_another_embedding_or_image_size(dist_pool, tmp_path):
+    """The right architecture is not enough: the embedding size and the image size (the encoders'
+    last layers are sized by both) must be the run's, and the error names the file and the field."""
+    from pm_dist.models.encoder_file import EncoderFileError
+    from pm_dist.models.loading import init_from
+
+    save_encoder(tmp_path / "d64.pt", build_model("tiny", 64, 16), "tiny", 64, 16)
+    save_encoder(tmp_path / "s32.pt", build_model("tiny", 32, 32), "tiny", 32, 32)
+    target = build_model("tiny", 32, 16)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(EncoderFileError) as err:
+        init_from(target, tmp_path / "d64.pt", "tiny", 32, 16)
+    assert str(err.value) == (f"{tmp_path / 'd64.pt'}: does not fit model.init_from's run: its "
+                              "embedding_size 64 (the config has 32)")
+    with pytest.raises(EncoderFileError) as err:
+        init_from(target, tmp_path / "s32.pt", "tiny", 32, 16)
+    assert str(err.value) == (f"{tmp_path / 's32.pt'}: does not fit model.init_from's run: its "
+                              "image_size 32 (the config has 16)")
+    for k, v in target.state_dict().items():  # refused: nothing copied
+        assert torch.equal(v, before[k]), k
+    # through the run: the same refusal, before any step
+    with pytest.raises(Exception) as err:
+        dist_pool(1).run(_build, str(tmp_path / "a"), [f"model.init_from={tmp_path / 'd64.pt'}"])
+    assert "d64.pt: does not fit model.init_from's run: its embedding_size 64 (the config has 32)" \
+        in str(err.value)
+    # a checkpoint directory: its config's sizes are compared the same way
+    run = tmp_path / "run"
+    dist_pool(1).run(_build, str(run), ["run.steps=2", "run.checkpoint_every=2"], fit=True)
+    with pytest.raises(EncoderFileError) as err:
+        init_from(build_model("tiny", 64, 16), run / "checkpoints", "tiny", 64, 16)
+    assert str(err.value) == (f"{run / 'checkpoints'}: does not fit model.init_from's run: its "
+                              "embedding_size 32 (the config has 64)")
+
+
+def test_init_from_a_checkpoint_starts_the_head_fresh(dist_pool, tmp_path):
+    """model.init_from takes the encoder only: after a run whose Full FC head was trained, a run
+    started from its checkpoint has the head of a fresh run (same seed), not the trained one."""
+    run = tmp_path / "run"
+    [trained] = dist_pool(1).run(_build, str(run), ["head.name=full_fc", "run.steps=2",
+                                                    "run.checkpoint_every=2"], fit=True)
+    [started] = dist_pool(1).run(_build, str(tmp_path / "b"),
+                                 ["head.name=full_fc", f"model.init_from={run / 'checkpoints'}"])
+    [fresh] = dist_pool(1).run(_build, str(tmp_path / "c"), ["head.name=full_fc"])
+    assert "encoder initialised from" in started["stdout"]
+    for k, v in trained["weights"].items():  # the encoder is the trained one ...
+        assert torch.equal(started["weights"][k], v), k
+    assert started["head"].keys() == fresh["head"].keys() and started["head"]
+    for k, v in fresh["head"].items():  # ... the head is a fresh one
+        assert torch.equal(started["head"][k], v), k
+    assert any(not torch.equal(trained["head"][k], v) for k, v in fresh["head"].items()), \
+        "the trained head equals a fresh one: the test shows nothing"
 
 
 def test_init_from_is_ignored_on_resume(dist_pool, tmp_path):

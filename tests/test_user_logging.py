@@ -165,6 +165,27 @@ def test_wandb_resumed_run_keeps_its_id(tmp_path, monkeypatch):
     assert len(ids) == 2 and ids[0] == ids[1] and calls[0][1]["mode"] == "offline"
 
 
+@pytest.mark.parametrize("env,expected", [(None, None), ("", None), ("offline", "offline"),
+                                          ("disabled", "disabled")])
+def test_wandb_mode_comes_from_wandb_mode_or_from_wandb_itself(env, expected, tmp_path, monkeypatch):
+    """WANDB_MODE set: passed on as ``mode``; unset (or empty): no ``mode`` at all, so the setting
+    made with ``wandb offline`` (wandb's own settings file) decides. No network: a stand-in module."""
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(calls))
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    MetricsLogger(tmp_path, True, False, 10, wandb=True).close()
+    [(_, kwargs)] = [c for c in calls if c[0] == "init"]
+    if expected is None:
+        assert "mode" not in kwargs, kwargs
+    else:
+        assert kwargs["mode"] == expected
+    assert kwargs["resume"] == "allow" and kwargs["dir"] == str(tmp_path)
+    assert calls[-1] == ("finish",)
+
+
 def test_training_log_tees_and_strips_colour(tmp_path, capsys):
     log = TrainingLog(tmp_path, enabled=True)
     print("plain line")
