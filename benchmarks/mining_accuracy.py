@@ -30,6 +30,8 @@ import json
 import os
 import time
 
+from benchmarks.common import machine
+
 
 def _overrides(args, head: str, seed: int, fraction: float, out_dir: str) -> list[str]:
     return [
@@ -67,7 +69,7 @@ def run_one(args, head: str, seed: int, fraction: float) -> dict:
     """One run; ``fraction`` 0: mining off (no miner at all)."""
     from pm_dist.config import load_config
     from pm_dist.distributed import init_distributed
-    from pm_dist.mining import planted_recovery
+    from pm_dist.mining import encoder_recovery, planted_recovery
     from pm_dist.train import Trainer
 
     out_dir = os.path.join(args.work, f"{head}-s{seed}-f{fraction:g}")
@@ -76,7 +78,9 @@ def run_one(args, head: str, seed: int, fraction: float) -> dict:
     trainer = Trainer(cfg, init_distributed(), record_history=True)
     result = trainer.fit()
     res = {"head": head, "seed": seed, "fraction": fraction, "mining": fraction > 0,
-           "train_eval_seconds": time.perf_counter() - tick}
+           "train_eval_seconds": time.perf_counter() - tick,
+           # what the head ran with, so a result file stays readable after a default changes
+           "head_options": _head_options(cfg)}
     for r in result["eval"]:
         if r.get("kind") == "verification":
             res["accuracy"] = r["accuracy"]
@@ -89,14 +93,28 @@ def run_one(args, head: str, seed: int, fraction: float) -> dict:
     if trainer.miner is not None:
         pairs = trainer.loader.dataset.generator.doppelganger_pairs()
         res["recovery"] = planted_recovery(trainer.miner.table, pairs)["recovered"]
+        # the reference: twins the final encoder finds by nearest class mean
+        res["encoder_recovery"] = encoder_recovery(trainer.engine.module,
+                                                   trainer.loader.dataset.generator,
+                                                   pairs)["recovered"]
         res["share_mined"] = sum(h["mining/share_mined"] for h in late) / len(late)
     return res
+
+
+def _head_options(cfg) -> dict:
+    """The margin, the head learning-rate scale and the head's own options, as plain values."""
+    import dataclasses
+
+    options = cfg.head.options
+    return {"margin": dataclasses.asdict(cfg.head.margin), "lr_scale": cfg.head.lr_scale,
+            **(dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {})}
 
 
 def _write(args, rows, seconds):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "seconds": seconds, "runs": rows}, f, indent=1)
+        json.dump({"args": vars(args), "machine": machine(), "seconds": seconds, "runs": rows}, f,
+                  indent=1)
 
 
 def summary(rows, heads, seeds) -> str:
@@ -105,11 +123,12 @@ def summary(rows, heads, seeds) -> str:
     keys = ("accuracy", "twins", "rank1")
     rows = sorted(rows, key=lambda r: (heads.index(r["head"]), r["seed"], r["fraction"]))
     lines = [f"{'head':<18}{'seed':>5}{'f':>6}{'acc':>8}{'twins':>8}{'rank1':>8}{'loss':>8}"
-             f"{'recov':>7}{'mined':>7}{'s':>6}"]
+             f"{'recov':>7}{'enc':>7}{'mined':>7}{'s':>6}"]
     for r in rows:
         lines.append(f"{r['head']:<18}{r['seed']:>5}{r['fraction']:>6g}{r['accuracy']:>8.4f}"
                      f"{r['twins']:>8.4f}{r.get('rank1', float('nan')):>8.2f}{r['loss_late']:>8.2f}"
                      f"{r.get('recovery', float('nan')):>7.3f}"
+                     f"{r.get('encoder_recovery', float('nan')):>7.3f}"
                      f"{r.get('share_mined', float('nan')):>7.2f}"
                      f"{r['seconds']:>6.0f}")
     lines.append("")

@@ -311,7 +311,7 @@ def _rank_count_all_reduces(hardest_ids):
     """Every all-reduce one forward + backward issues, and what the softmax and the heads return."""
     import torch.distributed as dist
 
-    from pm_dist.heads.fc import FullFC
+    from pm_dist.heads.fc import FullFC, PartialFC
     from pm_dist.heads.memory import MemoryConfig, PrototypeMemory
 
     rank, world = get_rank(), get_world_size()
@@ -335,6 +335,7 @@ def _rank_count_all_reduces(hardest_ids):
         softmax_calls = list(calls)
         out = {}
         for name, head in (("full_fc", FullFC(16, 10, Margin())),
+                           ("partial_fc", PartialFC(16, 10, Margin(), sample_rate=0.5)),
                            ("memory", PrototypeMemory(16, MemoryConfig(capacity=24, num_classes=10),
                                                       Margin()))):
             head.report_hardest = hardest_ids
@@ -363,6 +364,7 @@ def test_two_all_reduces_unless_hardest_ids_are_asked_for(dist_pool, hardest_ids
             assert r["hardest"] is None
         # the hardest non-target cosine comes from the first all-reduce either way
         torch.testing.assert_close(r["hardest_cos"].double(), best, rtol=1e-6, atol=1e-6)
+        assert sorted(r["heads"]) == ["full_fc", "memory", "partial_fc"]
         for name, head in r["heads"].items():
             assert len(head["calls"]) == (3 if hardest_ids else 2), name
             assert (head["hardest"] is None) == (not hardest_ids), name
