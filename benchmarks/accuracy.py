@@ -133,6 +133,18 @@ class Staleness:
                 for k, v in self.sums.items()}
 
 
+def _scores(results: list[dict]) -> dict:
+    """Verification accuracy (± std), TAR at the FARs and rank-1 of one evaluation."""
+    out = {}
+    for r in results:
+        if r.get("kind") == "verification":
+            out["accuracy"], out["accuracy_std"] = r["accuracy"], r.get("accuracy_std")
+            out["tar_at_far"] = r["tar_at_far"]
+        elif r.get("kind") == "identification":
+            out["rank1"] = r["rank"].get("1")
+    return out
+
+
 def run_case(case: dict) -> dict:
     import numpy as np
 
@@ -148,17 +160,23 @@ def run_case(case: dict) -> dict:
     step = trainer.train_step
     tracker = Staleness(trainer.head, np.asarray(counts), chain=step.head_observer)
     step.head_observer = tracker
+    curve = []  # with run.eval_every (--extra): every evaluation on the way, the last included
+    evaluate = trainer.evaluate
+
+    def evaluate_and_record():
+        results = evaluate()
+        curve.append({"step": trainer.step, **_scores(results)})
+        return results
+
+    trainer.evaluate = evaluate_and_record
     result = trainer.fit()
     res = {k: case[k] for k in ("head", "identities", "seed", "columns", "steps", "P", "tag",
                                  "extra", "variant")}
     res["seconds"] = time.perf_counter() - tick
     res["device"] = str(env.device)
-    for r in result["eval"]:
-        if r.get("kind") == "verification":
-            res["accuracy"], res["accuracy_std"] = r["accuracy"], r.get("accuracy_std")
-            res["tar_at_far"] = r["tar_at_far"]
-        elif r.get("kind") == "identification":
-            res["rank1"] = r["rank"].get("1")
+    res.update(_scores(result["eval"]))
+    if len(curve) > 1:
+        res["curve"] = curve
     late = trainer.history[-max(1, case["steps"] // 10):]
     res["loss_first"] = trainer.history[0]["loss"]
     res["loss_late"] = statistics.fmean(h["loss"] for h in late)
@@ -340,6 +358,24 @@ def report(rows: list[dict], machine_line: str = "") -> str:
             cells.append(" / ".join(per))
         lines.append(f"| {LABELS[head]} | {n:.0e} | {steps} | {_options(variant, extra)} | "
                      + " | ".join(cells) + " |")
+    curves = [(key, rs) for key, rs in order if any(r.get("curve") for r in rs)]
+    if curves:  # runs with evaluations on the way (run.eval_every)
+        lines += ["", "Held-out verification accuracy on the way (mean over seeds; rank-1 after /):", "",
+                  "| head | N | options | " + " | ".join(
+                      f"step {s}" for s in sorted({c["step"] for _, rs in curves for r in rs
+                                                   for c in r.get("curve", [])})) + " |"]
+        all_steps = sorted({c["step"] for _, rs in curves for r in rs for c in r.get("curve", [])})
+        lines.append("| --- | --- | --- |" + " --- |" * len(all_steps))
+        for (head, n, steps, variant, extra), rs in curves:
+            cells = []
+            for s in all_steps:
+                at = [c for r in rs for c in r.get("curve", []) if c["step"] == s]
+                acc = [c["accuracy"] for c in at if c.get("accuracy") is not None]
+                r1 = [c["rank1"] for c in at if c.get("rank1") is not None]
+                cells.append(f"{statistics.fmean(acc):.3f} / {statistics.fmean(r1):.2f}"
+                             if acc and r1 else "–")
+            lines.append(f"| {LABELS[head]} | {n:.0e} | {_options(variant, extra)} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

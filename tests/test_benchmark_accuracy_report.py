@@ -39,3 +39,15 @@ def test_report_mean_and_half_range_over_seeds_per_variant():
     assert "| 100 |" in cap and "`base: positive=fresh`" in cap  # the override sets the columns
     staleness = [line for line in lines if "1 / 2 / –" in line]
     assert len(staleness) == 2 and all(line.count("1 / 2 / –") == 3 for line in staleness)
+
+
+def test_report_shows_the_evaluations_on_the_way_averaged_over_seeds():
+    curve = lambda acc: [dict(step=500, accuracy=acc, rank1=0.1), dict(step=1000, accuracy=acc + 0.1,
+                                                                          rank1=0.3)]
+    rows = [_row(0, 0.80, curve=curve(0.60)), _row(1, 0.86, curve=curve(0.70)), _row(2, 0.9)]
+    lines = report(rows).splitlines()
+    header = next(line for line in lines if line.startswith("| head | N | options | step"))
+    assert header.endswith("| step 500 | step 1000 |")
+    row = lines[lines.index(header) + 2]
+    assert row.endswith("| 0.650 / 0.10 | 0.750 / 0.30 |")  # the seeds that have a curve
+    assert "on the way" not in report([_row(0, 0.8)])
