@@ -270,6 +270,34 @@ def test_planted_recovery_counts_twins():
     assert r["recovered"] == 0.5 and r["filled"] == 0.75 and r["chance"] == pytest.approx(0.2)
 
 
+def test_encoder_recovery_finds_twins_by_nearest_class_mean():
+    """Four identities whose images differ in one colour channel: 0 and 1 share a bright red, 2 and
+    3 a bright green; the encoder is the identity on the pixels (mode restored afterwards). Twins
+    planted as (0, 1), (2, 3) are all found; planted as (0, 2), (1, 3), none."""
+    colour = {0: (255, 127, 127), 1: (255, 170, 127), 2: (127, 255, 127), 3: (127, 255, 170)}
+
+    class Generator:
+        num_classes = 4
+
+        def counts(self, classes):
+            return np.array([3 for _ in classes])
+
+        def render(self, c, k):  # k adds a little noise that must not matter
+            img = np.empty((4, 4, 3), np.uint8)
+            img[:] = colour[c]
+            img[0, 0, 2] = 127 + k
+            return img
+
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 48, bias=False))
+    with torch.no_grad():
+        encoder[1].weight.copy_(torch.eye(48))
+    encoder.train()
+    found = encoder_recovery(encoder, Generator(), np.array([[0, 1], [2, 3]]), batch_size=5)
+    assert found == {"recovered": 1.0, "chance": pytest.approx(1 / 3), "pairs": 2}
+    assert encoder.training
+    assert encoder_recovery(encoder, Generator(), np.array([[0, 2], [1, 3]]))["recovered"] == 0.0
+
+
 # ------------------------------------------------------------------------------ training
 BASE = [
     "data.num_workers=0", "data.image_size=16", "data.num_identities=120",
