@@ -190,7 +190,14 @@ class TrainLoader:
         return images, labels
 
     def close(self) -> None:
-        """Stop the worker processes (a new ``next()`` would start them again at ``step``)."""
+        """Stop the worker processes (a new ``next()`` would start them again at ``step``).
+
+        Stopped here, not left to the iterator's garbage collection: a traceback that still holds
+        the iterator (an error raised out of ``next()``) would keep the workers alive, and the
+        interpreter waits for them at exit."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
         self._it = None
         self._plans.start_step = self.step
 
