@@ -360,12 +360,10 @@ def report(rows: list[dict], machine_line: str = "") -> str:
                      + " | ".join(cells) + " |")
     curves = [(key, rs) for key, rs in order if any(r.get("curve") for r in rs)]
     if curves:  # runs with evaluations on the way (run.eval_every)
-        lines += ["", "Held-out verification accuracy on the way (mean over seeds; rank-1 after /):", "",
-                  "| head | N | options | " + " | ".join(
-                      f"step {s}" for s in sorted({c["step"] for _, rs in curves for r in rs
-                                                   for c in r.get("curve", [])})) + " |"]
         all_steps = sorted({c["step"] for _, rs in curves for r in rs for c in r.get("curve", [])})
-        lines.append("| --- | --- | --- |" + " --- |" * len(all_steps))
+        lines += ["", "Held-out verification accuracy on the way (mean over seeds; rank-1 after /):", "",
+                  "| head | N | options | " + " | ".join(f"step {s}" for s in all_steps) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(all_steps)]
         for (head, n, steps, variant, extra), rs in curves:
             cells = []
             for s in all_steps:

@@ -46,23 +46,17 @@ def image_shares(trainer, images_per_identity: int = 8) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pm_dist.data.transforms import normalize
+    from pm_dist.mining import class_means, embed_identities
 
     gen = trainer.loader.dataset.generator
     pairs = gen.doppelganger_pairs()
     twin = np.full(gen.num_classes, -1)
     twin[pairs[:, 0]], twin[pairs[:, 1]] = pairs[:, 1], pairs[:, 0]
-    encoder = trainer.engine.module
-    encoder.eval()
-    emb, owner = [], []
-    with torch.no_grad():
-        for c in range(gen.num_classes):
-            k = min(int(gen.counts([c])[0]), images_per_identity)
-            emb.append(F.normalize(encoder(normalize(np.stack([gen.render(c, j)
-                                                               for j in range(k)]))).float()))
-            owner += [c] * k
-    emb, owner = torch.cat(emb), torch.tensor(owner)
-    means = F.normalize(torch.zeros(gen.num_classes, emb.shape[1]).index_add_(0, owner, emb))
+    emb, owner = embed_identities(trainer.engine.module, gen, images_per_identity)
+    emb = F.normalize(emb)
+    classes, class_mean = class_means(emb, owner)
+    means = torch.full((gen.num_classes, emb.shape[1]), float("nan"))
+    means[torch.from_numpy(classes)] = torch.from_numpy(class_mean).float()
     head = trainer.head
     live = head.slot_class >= 0
     protos = torch.full_like(means, float("nan"))

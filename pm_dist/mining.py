@@ -319,7 +319,7 @@ class DoppelgangerMiner:
         if observed is None:
             return m
         emb, labels = observed[0], observed[1]
-        classes, means = _class_means(emb, labels)
+        classes, means = class_means(emb, labels)
         m["mining/share_mined"] = len(mined) / max(len(classes), 1)
         if len(mined):
             m["mining/mutual"] = float(np.mean(mutual))
@@ -340,7 +340,7 @@ class DoppelgangerMiner:
         self.table.load_state_dict(state["table"])
 
 
-def _class_means(embeddings: torch.Tensor, labels: torch.Tensor):
+def class_means(embeddings: torch.Tensor, labels: torch.Tensor):
     """Sorted batch classes and their normalized mean embedding (numpy float64)."""
     x = F.normalize(embeddings.detach().float(), dim=1).cpu().double()
     classes, inverse = torch.unique(labels.cpu(), return_inverse=True)
@@ -388,6 +388,27 @@ def planted_recovery(table: DoppelgangerTable, pairs: np.ndarray) -> dict:
             "filled": float((partner >= 0).mean()), "pairs": int(len(pairs))}
 
 
+def embed_identities(encoder, generator, images_per_identity: int = 8,
+                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (float32, CPU) of up to ``images_per_identity`` training images of every identity
+    of a synthetic ``generator``, in eval mode (the encoder's mode is put back), and each image's
+    identity. Renders every identity: small N only."""
+    from pm_dist.data.transforms import normalize
+
+    keys = [(c, k) for c in range(generator.num_classes)
+            for k in range(min(int(generator.counts([c])[0]), images_per_identity))]
+    param = next(encoder.parameters())
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(keys), batch_size):
+            images = np.stack([generator.render(c, k) for c, k in keys[lo:lo + batch_size]])
+            out.append(encoder(normalize(images, device=param.device).to(param.dtype)).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out), torch.tensor([c for c, _ in keys])
+
+
 def encoder_recovery(encoder, generator, pairs: np.ndarray, images_per_identity: int = 8,
                      batch_size: int = 256) -> dict:
     """What the encoder itself can find, as the reference for ``planted_recovery``: the share of
@@ -395,29 +416,14 @@ def encoder_recovery(encoder, generator, pairs: np.ndarray, images_per_identity:
     ``images_per_identity`` of its training images, eval mode) is its twin. The table can only be
     as good as the embeddings it sees, so "the table recovers X" reads against this, not only
     against chance. Renders every identity of ``generator`` (synthetic data, small N only)."""
-    from pm_dist.data.transforms import normalize
-
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     n = generator.num_classes
-    keys = [(c, k) for c in range(n)
-            for k in range(min(int(generator.counts([c])[0]), images_per_identity))]
-    owner = torch.tensor([c for c, _ in keys])
-    was_training = encoder.training
-    encoder.eval()
-    sums = None
-    with torch.no_grad():
-        for lo in range(0, len(keys), batch_size):
-            images = np.stack([generator.render(c, k) for c, k in keys[lo:lo + batch_size]])
-            param = next(encoder.parameters())
-            e = F.normalize(encoder(normalize(images, device=param.device).to(param.dtype)).float())
-            if sums is None:
-                sums = torch.zeros(n, e.shape[1])
-            sums.index_add_(0, owner[lo:lo + batch_size], e.cpu())
-    encoder.train(was_training)
-    means = F.normalize(sums)
-    sim = means @ means.t()
-    sim.fill_diagonal_(float("-inf"))
-    nearest = sim.argmax(1).numpy()
+    classes, means = class_means(*embed_identities(encoder, generator, images_per_identity,
+                                                   batch_size))
+    sim = means @ means.T
+    np.fill_diagonal(sim, -np.inf)
+    nearest = np.full(n, -1)
+    nearest[classes] = classes[sim.argmax(1)]
     ids, twins = pairs.reshape(-1), pairs[:, ::-1].reshape(-1)
     return {"recovered": float((nearest[ids] == twins).mean()) if len(ids) else float("nan"),
             "chance": 1.0 / max(n - 1, 1), "pairs": int(len(pairs))}
