@@ -13,7 +13,8 @@ a memory of 128 for every identity, 16 × 2 per batch), for each ``--steps`` × 
 * ``class_means``: share whose nearest other class mean is the twin
   (``pm_dist.mining.encoder_recovery``): what the encoder knows, with all its images averaged.
 
-Chance is 1/(N − 1) = 0.0084. ``--out`` writes the rows as JSON.
+Chance is 1/(N − 1) = 0.0084. ``--extra key=value …`` overrides the setting (e.g. closer twins:
+``data.doppelganger_distance=0.05``). ``--out`` writes the rows as JSON.
 
     PYTHONPATH=$PWD python -m benchmarks.mining_recovery --steps 100 300 --fractions 0 0.5 \
         --seeds 0 1 --out bench_out/mining_recovery.json
@@ -71,7 +72,7 @@ def image_shares(trainer, images_per_identity: int = 8) -> dict:
     return out
 
 
-def run_one(steps: int, fraction: float, seed: int) -> dict:
+def run_one(steps: int, fraction: float, seed: int, extra=()) -> dict:
     from pm_dist.config import load_config
     from pm_dist.distributed import init_distributed
     from pm_dist.mining import encoder_recovery, planted_recovery
@@ -79,7 +80,7 @@ def run_one(steps: int, fraction: float, seed: int) -> dict:
 
     cfg = load_config(None, CONFIG + [f"run.out_dir={tempfile.mkdtemp(prefix='pm_recovery_')}",
                                       f"run.steps={steps}", f"run.seed={seed}", f"data.seed={seed}",
-                                      f"mining.fraction={fraction}"])
+                                      f"mining.fraction={fraction}", *extra])
     trainer = Trainer(cfg, init_distributed(single_process_group=True))
     trainer.fit()
     gen = trainer.loader.dataset.generator
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
                    help="mining.fraction (0: the table is kept but no batch is mined)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides applied to every run")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
     for steps in args.steps:
         for fraction in args.fractions:
             for seed in args.seeds:
-                r = run_one(steps, fraction, seed)
+                r = run_one(steps, fraction, seed, args.extra)
                 rows.append(r)
                 print(f"{steps:>6}{fraction:>6g}{seed:>5}{r['table']:>8.3f}{r['image_vs_memory']:>9.3f}"
                       f"{r['image_vs_means']:>10.3f}{r['class_means']:>8.3f}", flush=True)

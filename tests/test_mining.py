@@ -434,23 +434,22 @@ def test_planted_pairs_recovered_and_mined_batches_harder(dist_pool, tmp_path):
     (1 − f)·P identities, the rest at random) are scored by the same copy of the current encoder
     (``_score``, which leaves the run unchanged). Asserted on the loss with a memory of the batch
     alone (negatives: the batch's own identities). Measured, mean over the 60 steps, mined vs
-    random (mined higher at how many steps):
+    random (mined higher at how many steps; the gap's standard error):
 
-        run seed 0, 1 thread   10.29 vs  8.29  (51/60)    recovery 0.224
-        run seed 1, 1 thread   12.31 vs 10.42  (52/60)    recovery 0.138
-        run seed 2, 1 thread   13.64 vs 11.77  (49/60)    recovery 0.190
-        run seed 0, 2 threads  11.38 vs  9.32  (47/60)    recovery 0.259
-        run seed 1, 2 threads  13.99 vs 11.58  (52/60)    recovery 0.241
+        run seed 0, 1 thread   21.29 vs 20.00  (47/60, 0.28)    recovery 0.172
+        run seed 1, 1 thread   21.30 vs 20.46  (39/60, 0.24)    recovery 0.138
+        run seed 2, 1 thread   20.72 vs 20.23  (37/60, 0.25)    recovery 0.121
+        run seed 0, 2 threads  21.56 vs 20.64  (44/60, 0.25)    recovery 0.172
+        run seed 1, 2 threads  22.11 vs 20.92  (40/60, 0.26)    recovery 0.155
 
-    (the steps' gaps scatter by ±1.8, so the mean's standard error is ≈ 0.23). With the run's own
-    memory, which holds every identity and hence every look-alike whatever the batch, the mined
-    batch is *not* measurably harder: 20.19 vs 20.10, 21.03 vs 20.97, 21.62 vs 21.44, 20.56 vs
-    20.26, 21.49 vs 21.36 (gaps +0.06 … +0.30, standard error 0.12–0.16): mining makes a batch
-    harder through the negatives the batch itself brings (docs/mining.md). That is printed, not
-    asserted.
+    (seed 0 is this test; the gap is 2.0–4.6 standard errors). With the run's own memory, which
+    holds every identity and hence every look-alike whatever the batch, the mined batch is *not*
+    measurably harder: 22.91 vs 22.87, 22.66 vs 22.52, 22.29 vs 22.34, 22.98 vs 22.75, 23.32 vs
+    22.95 (gaps −0.05 … +0.37, standard error 0.19–0.28): mining makes a batch harder through the
+    negatives the batch itself brings (docs/mining.md). That is printed, not asserted.
 
-    Also: planted twins recovered ≥ 10 × chance (0.14–0.26 above vs chance 0.0084), and mined
-    pairs' class means closer than random pairs' (cos ≈ 0.7 vs ≈ 0.05)."""
+    Also: planted twins recovered ≥ 10 × chance (0.12–0.17 above vs chance 0.0084), and mined
+    pairs' class means closer than random pairs'."""
     extra = ["run.steps=100", "data.doppelganger_fraction=0.5", "data.doppelganger_distance=0.1",
              "data.nuisance=0.25", "head.memory.capacity=128", "mining.enabled=true",
              "mining.fraction=0.5"]
@@ -458,23 +457,26 @@ def test_planted_pairs_recovered_and_mined_batches_harder(dist_pool, tmp_path):
     rec = on["recovery"]
     print("recovery:", rec, "encoder's own nearest class mean:", on["encoder"])
     assert rec["filled"] == 1.0
-    assert rec["recovered"] >= 10 * rec["chance"], rec  # measured: 0.14–0.26 vs chance 0.0084
+    assert rec["recovered"] >= 10 * rec["chance"], rec  # measured: 0.12–0.17 vs chance 0.0084
 
     steps = [s for s, _, _ in on["scores"]]
     assert steps == list(range(40, 100))
     (run_mined, alone_mined), (run_random, alone_random) = (
         np.array([x[i] for x in on["scores"]]).T for i in (1, 2))
     gap = alone_mined - alone_random
-    print(f"batch alone: mined {alone_mined.mean():.3f} random {alone_random.mean():.3f}, mined "
-          f"higher at {(gap > 0).sum()} of {len(gap)} steps; run's memory: mined "
-          f"{run_mined.mean():.3f} random {run_random.mean():.3f}")
-    assert gap.mean() > 0.5, (alone_mined.mean(), alone_random.mean())  # measured: 1.86 to 2.41
-    assert (gap > 0).mean() >= 0.65, gap  # measured: 0.78 to 0.87
+    stderr = gap.std(ddof=1) / math.sqrt(len(gap))
+    print(f"batch alone: mined {alone_mined.mean():.3f} random {alone_random.mean():.3f} (gap "
+          f"{gap.mean():.2f} ± {stderr:.2f}), mined higher at {(gap > 0).sum()} of {len(gap)} "
+          f"steps; run's memory: mined {run_mined.mean():.3f} random {run_random.mean():.3f}")
+    # measured: 1.29 ± 0.28, higher at 0.78 of the steps (other seeds: 0.49 … 1.19, 0.62 … 0.73)
+    assert gap.mean() > 2 * stderr, (gap.mean(), stderr)
+    assert (gap > 0).mean() > 0.6, gap
 
     late = slice(50, 100)
     cos_mined = _mean([h["mining/cos_mined"] for h in on["history"][late]])
     cos_random = _mean([h["mining/cos_random"] for h in on["history"][late]])
-    assert cos_mined > cos_random + 0.2, (cos_mined, cos_random)
+    print(f"class-mean cosine of mined pairs {cos_mined:.3f}, of random pairs {cos_random:.3f}")
+    assert cos_mined > cos_random + 0.2, (cos_mined, cos_random)  # measured: 0.79 vs 0.23
     assert _mean([h["mining/share_mined"] for h in on["history"][late]]) > 0.3
 
 
