@@ -18,6 +18,8 @@ head and f, next to the spread between seeds. Every number is printed, whichever
     python -m benchmarks.mining_accuracy                       # all heads, seeds 0 1 (CPU: minutes)
     python -m benchmarks.mining_accuracy --heads prototype_memory --steps 300 \
         --out bench_out/mining.json
+    python -m benchmarks.mining_accuracy --heads prototype_memory --identities 120 --capacity 128 \
+        --steps 300 --extra data.doppelganger_distance=0.05 data.nuisance=0.25   # any config key
 
 One torch thread per run by default (``--threads``): on a small shared CPU, more threads than free
 cores made these tiny steps 10–40× slower (OpenMP threads waiting on each other).
@@ -46,6 +48,7 @@ def _overrides(args, head: str, seed: int, fraction: float, out_dir: str) -> lis
         "head.partial_fc.sample_rate=0.3", "optim.lr=0.2", "optim.warmup_steps=10",
         f"eval.synthetic_pairs={args.pairs}", "eval.identification_identities=100",
         f"mining.enabled={fraction > 0}", f"mining.fraction={fraction or 0.5}", "mining.delay=0",
+        *args.extra,
     ]
 
 
@@ -166,6 +169,8 @@ def main(argv=None) -> int:
                    help="further fractions for prototype_memory only")
     p.add_argument("--pairs", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="torch threads (see the docstring)")
+    p.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides applied to every run (e.g. data.doppelganger_distance=0.05)")
     p.add_argument("--work", default="bench_out/mining_runs")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
