@@ -72,15 +72,20 @@ def image_shares(trainer, images_per_identity: int = 8) -> dict:
     return out
 
 
+def overrides(steps: int, fraction: float, seed: int, extra=()) -> list[str]:
+    """The run's config overrides; ``extra`` last, so it wins over the setting."""
+    return CONFIG + [f"run.steps={steps}", f"run.seed={seed}", f"data.seed={seed}",
+                     f"mining.fraction={fraction}", *extra]
+
+
 def run_one(steps: int, fraction: float, seed: int, extra=()) -> dict:
     from pm_dist.config import load_config
     from pm_dist.distributed import init_distributed
     from pm_dist.mining import encoder_recovery, planted_recovery
     from pm_dist.train import Trainer
 
-    cfg = load_config(None, CONFIG + [f"run.out_dir={tempfile.mkdtemp(prefix='pm_recovery_')}",
-                                      f"run.steps={steps}", f"run.seed={seed}", f"data.seed={seed}",
-                                      f"mining.fraction={fraction}", *extra])
+    out_dir = tempfile.mkdtemp(prefix="pm_recovery_")
+    cfg = load_config(None, overrides(steps, fraction, seed, extra) + [f"run.out_dir={out_dir}"])
     trainer = Trainer(cfg, init_distributed(single_process_group=True))
     trainer.fit()
     gen = trainer.loader.dataset.generator
