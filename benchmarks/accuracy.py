@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, pyplot
+from benchmarks.common import eval_scores, machine, pyplot
 
 HEADS = ("prototype_memory", "full_fc", "partial_fc")
 LABELS = {"prototype_memory": "Prototype Memory", "full_fc": "Full FC", "partial_fc": "Partial FC"}
@@ -133,18 +133,6 @@ class Staleness:
                 for k, v in self.sums.items()}
 
 
-def _scores(results: list[dict]) -> dict:
-    """Verification accuracy (± std), TAR at the FARs and rank-1 of one evaluation."""
-    out = {}
-    for r in results:
-        if r.get("kind") == "verification":
-            out["accuracy"], out["accuracy_std"] = r["accuracy"], r.get("accuracy_std")
-            out["tar_at_far"] = r["tar_at_far"]
-        elif r.get("kind") == "identification":
-            out["rank1"] = r["rank"].get("1")
-    return out
-
-
 def run_case(case: dict) -> dict:
     import numpy as np
 
@@ -165,7 +153,7 @@ def run_case(case: dict) -> dict:
 
     def evaluate_and_record():
         results = evaluate()
-        curve.append({"step": trainer.step, **_scores(results)})
+        curve.append({"step": trainer.step, **eval_scores(results)})
         return results
 
     trainer.evaluate = evaluate_and_record
@@ -174,7 +162,7 @@ def run_case(case: dict) -> dict:
                                  "extra", "variant")}
     res["seconds"] = time.perf_counter() - tick
     res["device"] = str(env.device)
-    res.update(_scores(result["eval"]))
+    res.update(eval_scores(result["eval"]))
     if len(curve) > 1:
         res["curve"] = curve
     late = trainer.history[-max(1, case["steps"] // 10):]

@@ -33,3 +33,15 @@ def pyplot():
         print("matplotlib is not importable (pip install -e .[bench]): no PNG plots")
         return None
     return plt
+
+
+def eval_scores(results: list[dict]) -> dict:
+    """Verification accuracy (± std), TAR at the FARs and rank-1 of one evaluation."""
+    out = {}
+    for r in results:
+        if r.get("kind") == "verification":
+            out["accuracy"], out["accuracy_std"] = r["accuracy"], r.get("accuracy_std")
+            out["tar_at_far"] = r["tar_at_far"]
+        elif r.get("kind") == "identification":
+            out["rank1"] = r["rank"].get("1")
+    return out

@@ -32,7 +32,7 @@ import json
 import os
 import time
 
-from benchmarks.common import machine
+from benchmarks.common import eval_scores, machine
 
 
 def _overrides(args, head: str, seed: int, fraction: float, out_dir: str) -> list[str]:
@@ -84,22 +84,17 @@ def run_one(args, head: str, seed: int, fraction: float) -> dict:
            "train_eval_seconds": time.perf_counter() - tick,
            # what the head ran with, so a result file stays readable after a default changes
            "head_options": _head_options(cfg)}
-    for r in result["eval"]:
-        if r.get("kind") == "verification":
-            res["accuracy"] = r["accuracy"]
-        elif r.get("kind") == "identification":
-            res["rank1"] = r["rank"]["1"]
+    res.update(eval_scores(result["eval"]))
     res["twins"] = _twins_accuracy(args, trainer)
     res["seconds"] = time.perf_counter() - tick
     late = trainer.history[-max(1, args.steps // 4):]
     res["loss_late"] = sum(h["loss"] for h in late) / len(late)
     if trainer.miner is not None:
-        pairs = trainer.loader.dataset.generator.doppelganger_pairs()
+        gen = trainer.loader.dataset.generator
+        pairs = gen.doppelganger_pairs()
         res["recovery"] = planted_recovery(trainer.miner.table, pairs)["recovered"]
         # the reference: twins the final encoder finds by nearest class mean
-        res["encoder_recovery"] = encoder_recovery(trainer.engine.module,
-                                                   trainer.loader.dataset.generator,
-                                                   pairs)["recovered"]
+        res["encoder_recovery"] = encoder_recovery(trainer.engine.module, gen, pairs)["recovered"]
         res["share_mined"] = sum(h["mining/share_mined"] for h in late) / len(late)
     return res
 
