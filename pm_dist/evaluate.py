@@ -17,7 +17,7 @@ import sys
 
 from .checkpoint import CheckpointError
 from .config_io import ConfigError, parse_override
-from .distributed import init_distributed, shutdown_distributed
+from .distributed import init_distributed, shutdown_after_collective_error, shutdown_distributed
 from .eval.binfile import BinFormatError
 from .eval.embed import EmbeddingError
 from .eval.images import ImageDecodeError
@@ -153,11 +153,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from .eval.report import write_report
 
+    failure = None
     try:
         results = run(args)
     except (BinFormatError, ListFormatError, ImageDecodeError, EmbeddingError, FileNotFoundError,
             ConfigError, PluginError, ValueError, CheckpointError) as exc:  # bad input: one clear line, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
+        failure = exc.with_traceback(None)  # its frames (the model, the group) may go
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        if isinstance(failure, EmbeddingError):  # every rank raised it together
+            shutdown_after_collective_error()
         return 2
     write_report(results, args.out)
     shutdown_distributed()

@@ -23,7 +23,8 @@ import torch
 from pm_dist.checkpoint import CheckpointError
 from pm_dist.config import RunConfig, load_config
 from pm_dist.config_io import ConfigError
-from pm_dist.distributed import DistEnv, average_buffers, init_distributed, shutdown_distributed
+from pm_dist.distributed import (DistEnv, average_buffers, init_distributed,
+                                 shutdown_after_collective_error, shutdown_distributed)
 from pm_dist.engine import initialize_encoder
 from pm_dist.heads import HeadContext, build_head
 from pm_dist.config_io import to_dict
@@ -280,10 +281,14 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_process_group=True)
+    failure = None
     try:
         result = _train(cfg, env, args.resume)
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
+    except CheckpointError as err:  # raised on every rank together
+        failure = f"checkpoint error: {err}"
+    if failure is not None:  # out of the handler: the traceback no longer holds the trainer
+        print(failure, file=sys.stderr)
+        shutdown_after_collective_error()
         return 2
     shutdown_distributed()
     return EXIT_PREEMPTED if result["preempted"] else 0

@@ -3,6 +3,11 @@ same at any world size; a bad image named."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -12,6 +17,7 @@ from pm_dist.embed import build_parser, main, run
 from pm_dist.models import build_model, save_encoder
 
 SIZE = 16
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _setup(tmp_path, n=7):
@@ -84,3 +90,24 @@ def test_every_rank_embeds_a_share_with_the_same_result(dist_pool, tmp_path):
     for emb, rank_paths in results:
         assert rank_paths == paths
         np.testing.assert_allclose(emb, single, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bad_image_on_one_rank_ends_every_rank_with_its_name(tmp_path):
+    """Under torchrun, the rank that cannot decode an image tells the others: every rank exits 2
+    naming the file (not one with a traceback, nor with a SIGABRT at exit, nor hanging)."""
+    _setup(tmp_path, n=8)
+    (tmp_path / "faces" / "sub" / "06.png").write_bytes(b"not an image")  # in rank 1's share
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--tee=3", "-m", "pm_dist.embed", "--model", str(tmp_path / "enc.pt"),
+           "--images", str(tmp_path / "faces"), "--out", str(tmp_path / "bad.npy"),
+           "--batch-size", "2"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    for rank in range(2):
+        assert f"[default{rank}]:error: embedding extraction failed on rank 1" in out, out[-3000:]
+    assert out.count("06.png cannot be decoded") >= 2, out[-3000:]
+    assert "exitcode  : 2" in out and "exitcode  : -6" not in out, out[-3000:]
+    assert not (tmp_path / "bad.npy").exists()
