@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,22 @@ def shutdown_distributed() -> None:
     dist.destroy_process_group()
 
 
-def shutdown_after_collective_error() -> None:
-    """End of a run stopped by an error that every rank raised together (one that ``first_failure``
-    announced): the same orderly end as a finished run, so that the process exits with the error's
-    code and not with a SIGABRT from gloo's threads torn down at interpreter exit (seen in about one
-    run in five). A peer that never arrives costs at most the group's timeout, and no new error."""
-    try:
-        shutdown_distributed()
-    except Exception:  # noqa: BLE001 — the error already reported is the one that matters
-        pass
+def exit_on_error(message: str, every_rank: bool) -> int:
+    """A command's end on bad input: ``message`` on stderr, and the exit status 2 to return.
+
+    ``every_rank``: every rank raised the error together (``first_failure`` announced it). The group
+    then ends in order, as after a finished run; a process that exits with its gloo group alive ends
+    with SIGABRT instead (about one run in five on 2 CPU ranks). Call it outside the ``except``
+    block, whose traceback keeps the objects holding the group alive. A peer that never arrives
+    costs at most the group's timeout. An error of one rank's own exits at once: its peers learn of
+    it from their next collective."""
+    print(message, file=sys.stderr)
+    if every_rank:
+        try:
+            shutdown_distributed()
+        except Exception:  # noqa: BLE001 — the error already reported is the one that matters
+            pass
+    return 2
 
 
 def is_distributed() -> bool:

@@ -108,7 +108,7 @@ def write(out: str | os.PathLike, embeddings: np.ndarray, paths: list[str]) -> N
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pm_dist.checkpoint import CheckpointError
-    from pm_dist.distributed import get_rank, shutdown_after_collective_error, shutdown_distributed
+    from pm_dist.distributed import exit_on_error, get_rank, shutdown_distributed
     from pm_dist.eval.embed import EmbeddingError
     from pm_dist.eval.images import ImageDecodeError
 
@@ -116,12 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         embeddings, paths = run(args)
     except (ImageDecodeError, EmbeddingError, FileNotFoundError, ValueError, CheckpointError) as exc:
-        failure = exc.with_traceback(None)  # its frames (the model, the group) may go
+        failure = (f"error: {exc}", isinstance(exc, EmbeddingError))  # that one: every rank's
     if failure is not None:
-        print(f"error: {failure}", file=sys.stderr)
-        if isinstance(failure, EmbeddingError):  # every rank raised it together
-            shutdown_after_collective_error()
-        return 2
+        return exit_on_error(*failure)
     if get_rank() == 0:
         write(args.out, embeddings, paths)
         print(f"{len(paths)} images → {args.out} (float32 {list(embeddings.shape)}, "

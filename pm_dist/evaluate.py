@@ -17,7 +17,7 @@ import sys
 
 from .checkpoint import CheckpointError
 from .config_io import ConfigError, parse_override
-from .distributed import init_distributed, shutdown_after_collective_error, shutdown_distributed
+from .distributed import exit_on_error, init_distributed, shutdown_distributed
 from .eval.binfile import BinFormatError
 from .eval.embed import EmbeddingError
 from .eval.images import ImageDecodeError
@@ -158,12 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         results = run(args)
     except (BinFormatError, ListFormatError, ImageDecodeError, EmbeddingError, FileNotFoundError,
             ConfigError, PluginError, ValueError, CheckpointError) as exc:  # bad input: one clear line, not a traceback
-        failure = exc.with_traceback(None)  # its frames (the model, the group) may go
+        failure = (f"error: {exc}", isinstance(exc, EmbeddingError))  # that one: every rank's
     if failure is not None:
-        print(f"error: {failure}", file=sys.stderr)
-        if isinstance(failure, EmbeddingError):  # every rank raised it together
-            shutdown_after_collective_error()
-        return 2
+        return exit_on_error(*failure)
     write_report(results, args.out)
     shutdown_distributed()
     return 0

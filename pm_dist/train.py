@@ -23,8 +23,8 @@ import torch
 from pm_dist.checkpoint import CheckpointError
 from pm_dist.config import RunConfig, load_config
 from pm_dist.config_io import ConfigError
-from pm_dist.distributed import (DistEnv, average_buffers, init_distributed,
-                                 shutdown_after_collective_error, shutdown_distributed)
+from pm_dist.distributed import (DistEnv, average_buffers, exit_on_error, init_distributed,
+                                 shutdown_distributed)
 from pm_dist.engine import initialize_encoder
 from pm_dist.heads import HeadContext, build_head
 from pm_dist.config_io import to_dict
@@ -278,18 +278,15 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         cfg.preflight(int(os.environ.get("WORLD_SIZE", 1)))
     except (ConfigError, PluginError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return exit_on_error(f"config error: {err}", every_rank=False)  # before the group
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_process_group=True)
     failure = None
     try:
         result = _train(cfg, env, args.resume)
     except CheckpointError as err:  # raised on every rank together
         failure = f"checkpoint error: {err}"
-    if failure is not None:  # out of the handler: the traceback no longer holds the trainer
-        print(failure, file=sys.stderr)
-        shutdown_after_collective_error()
-        return 2
+    if failure is not None:
+        return exit_on_error(failure, every_rank=True)
     shutdown_distributed()
     return EXIT_PREEMPTED if result["preempted"] else 0
 
